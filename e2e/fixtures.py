@@ -1,0 +1,1 @@
+"""Local Kubernetes control-plane fixtures (placeholder, filled in by issue 4)."""
