@@ -1,0 +1,288 @@
+"""In-memory store and bus: the reference implementation of the protocol, for tests.
+
+Both are safe to share between several engines in one event loop, which is how tests simulate
+several workers (and crashes of some of them). Nothing survives the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+from ..bus import Delivery, EventBus, Handler
+from ..errors import TriggerConflictError
+from ..messages import CancelCommand, StepEvent, TriggerCommand, encode
+from ..persistence import Persistence
+from ..records import (
+    AgentRecord,
+    AgentStatus,
+    Commit,
+    Failure,
+    HistoryRecord,
+    Lease,
+    LeaseState,
+    NewAgent,
+    OutboxEntry,
+)
+
+Clock = Callable[[], float]
+
+
+class InMemoryPersistence(Persistence):
+    """Dict-backed store; each method is atomic because it never awaits while changing state."""
+
+    def __init__(self, clock: Clock = time.time) -> None:
+        self.clock = clock
+        self.agents: dict[str, AgentRecord] = {}
+        self.history: dict[str, list[HistoryRecord]] = {}
+        self.outbox: dict[tuple[str, int], OutboxEntry] = {}
+
+    async def create_agent(self, agent: NewAgent) -> bool:
+        now = self.clock()
+        old = self.agents.get(agent.agent_id)
+        if old is not None:
+            if old.start_node == agent.start_node and old.initial_context == agent.context:
+                return False
+            raise TriggerConflictError(
+                f"agent {agent.agent_id!r} exists with start node {old.start_node!r} and "
+                f"context {old.initial_context!r}; the new trigger asks for "
+                f"{agent.start_node!r} with {agent.context!r}"
+            )
+        self.agents[agent.agent_id] = AgentRecord(
+            agent_id=agent.agent_id, node=agent.start_node, step=0, status=agent.status,
+            context=copy.deepcopy(agent.context), start_node=agent.start_node,
+            initial_context=copy.deepcopy(agent.context), error=agent.error,
+            created_at=now, updated_at=now,
+        )
+        self.history[agent.agent_id] = []
+        if agent.status is AgentStatus.RUNNING:
+            self.outbox[(agent.agent_id, 0)] = OutboxEntry(agent.agent_id, 0, now)
+        return True
+
+    async def load_and_lock_agent(
+        self, agent_id: str, step: int, owner: str, lease_seconds: float
+    ) -> Lease:
+        now = self.clock()
+        rec = self.agents.get(agent_id)
+        if rec is None:
+            return Lease(LeaseState.MISSING)
+        if rec.status is not AgentStatus.RUNNING or rec.step != step:
+            return Lease(LeaseState.STALE)
+        if rec.lease_until is not None and rec.lease_until > now:
+            return Lease(LeaseState.BUSY, retry_after=rec.lease_until - now)
+        rec = replace(rec, lease_owner=owner, lease_until=now + lease_seconds)
+        self.agents[agent_id] = rec
+        return Lease(LeaseState.GRANTED, replace(rec, context=copy.deepcopy(rec.context)))
+
+    def _fenced(self, agent_id: str, step: int, owner: str) -> AgentRecord | None:
+        rec = self.agents.get(agent_id)
+        if (
+            rec is None
+            or rec.status is not AgentStatus.RUNNING
+            or rec.step != step
+            or rec.lease_owner != owner
+        ):
+            return None
+        return rec
+
+    async def extend_lease(
+        self, agent_id: str, step: int, owner: str, lease_seconds: float
+    ) -> bool:
+        rec = self._fenced(agent_id, step, owner)
+        if rec is None:
+            return False
+        self.agents[agent_id] = replace(rec, lease_until=self.clock() + lease_seconds)
+        return True
+
+    async def save_state(self, commit: Commit) -> bool:
+        rec = self._fenced(commit.agent_id, commit.step, commit.owner)
+        if rec is None:
+            return False
+        now = self.clock()
+        done = commit.to_node is None
+        self.agents[commit.agent_id] = replace(
+            rec, node=commit.to_node or rec.node, step=commit.step + 1,
+            status=AgentStatus.SUCCEEDED if done else AgentStatus.RUNNING,
+            context=copy.deepcopy(commit.context), attempts=0, error=None,
+            lease_owner=None, lease_until=None, updated_at=now,
+        )
+        self.history[commit.agent_id].append(HistoryRecord(
+            commit.agent_id, commit.step + 1, commit.from_node, commit.to_node,
+            commit.attempts, commit.duration, now,
+        ))
+        if not done:
+            key = (commit.agent_id, commit.step + 1)
+            self.outbox[key] = OutboxEntry(commit.agent_id, commit.step + 1, now)
+        return True
+
+    async def record_failure(self, failure: Failure) -> bool:
+        rec = self._fenced(failure.agent_id, failure.step, failure.owner)
+        if rec is None:
+            return False
+        now = self.clock()
+        self.agents[failure.agent_id] = replace(
+            rec, attempts=failure.attempts, error=failure.error, lease_owner=None,
+            lease_until=None if failure.final else now + failure.retry_in,
+            status=AgentStatus.FAILED if failure.final else AgentStatus.RUNNING, updated_at=now,
+        )
+        return True
+
+    async def release_lease(self, agent_id: str, step: int, owner: str) -> None:
+        rec = self._fenced(agent_id, step, owner)
+        if rec is not None:
+            self.agents[agent_id] = replace(rec, lease_owner=None, lease_until=None)
+
+    async def cancel_agent(self, agent_id: str, reason: str) -> bool:
+        rec = self.agents.get(agent_id)
+        if rec is None or rec.status is not AgentStatus.RUNNING:
+            return False
+        self.agents[agent_id] = replace(
+            rec, status=AgentStatus.CANCELLED, error=reason, lease_owner=None,
+            lease_until=None, updated_at=self.clock(),
+        )
+        return True
+
+    async def get_agent(self, agent_id: str) -> AgentRecord | None:
+        rec = self.agents.get(agent_id)
+        return None if rec is None else replace(rec, context=copy.deepcopy(rec.context))
+
+    async def get_history(self, agent_id: str) -> list[HistoryRecord]:
+        return list(self.history.get(agent_id, []))
+
+    async def pending_outbox(self, older_than: float, limit: int) -> list[OutboxEntry]:
+        cutoff = self.clock() - older_than
+        return [e for e in self.outbox.values() if e.created_at <= cutoff][:limit]
+
+    async def clear_outbox(self, entries: Sequence[OutboxEntry]) -> None:
+        for entry in entries:
+            self.outbox.pop((entry.agent_id, entry.step), None)
+
+    async def stalled_agents(self, older_than: float, limit: int) -> list[OutboxEntry]:
+        now = self.clock()
+        return [
+            OutboxEntry(r.agent_id, r.step, r.updated_at)
+            for r in self.agents.values()
+            if r.status is AgentStatus.RUNNING
+            and (r.lease_until is None or r.lease_until <= now)
+            and r.updated_at <= now - older_than
+        ][:limit]
+
+
+class _MemoryDelivery(Delivery):
+    def __init__(self, bus: InMemoryEventBus, data: bytes, deliveries: int) -> None:
+        self.bus, self.data, self.deliveries = bus, data, deliveries
+        self.settled = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self.bus.ack_wait, self._expire)
+
+    def _expire(self) -> None:
+        if not self.settled:
+            self._settle()
+            self.bus._enqueue(self.data, self.deliveries + 1)
+
+    def _settle(self) -> bool:
+        if self.settled:
+            return False
+        self.settled = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self.bus._inflight.discard(self)
+        return True
+
+    async def ack(self) -> None:
+        self._settle()
+
+    async def nack(self, delay: float) -> None:
+        if self._settle():
+            self.bus._enqueue(self.data, self.deliveries + 1, delay)
+
+    async def in_progress(self) -> None:
+        if not self.settled:
+            self._arm()
+
+    async def dead_letter(self, reason: str) -> None:
+        if self._settle():
+            self.bus.dead_letters.append((self.data, reason))
+
+
+class InMemoryEventBus(EventBus):
+    """A queue with at-least-once delivery, ack-wait redelivery, nack delays and de-duplication.
+
+    ``ack_wait`` is how long an unsettled delivery waits before it is redelivered (as JetStream
+    does); ``dedup_window`` how long a ``dedup_id`` is remembered.
+    """
+
+    def __init__(self, ack_wait: float = 30.0, dedup_window: float = 120.0) -> None:
+        self.ack_wait = ack_wait
+        self.dedup_window = dedup_window
+        self.dead_letters: list[tuple[bytes, str]] = []
+        self.published = 0
+        self._queue: asyncio.Queue[tuple[bytes, int]] = asyncio.Queue()
+        self._seen: dict[str, float] = {}
+        self._inflight: set[_MemoryDelivery] = set()
+        self._task: asyncio.Task[None] | None = None
+
+    async def publish(self, message: StepEvent | TriggerCommand | CancelCommand) -> None:
+        now = time.monotonic()
+        if len(self._seen) > 10_000:
+            self._seen = {k: t for k, t in self._seen.items() if now - t < self.dedup_window}
+        seen = self._seen.get(message.dedup_id)
+        if seen is not None and now - seen < self.dedup_window:
+            return
+        self._seen[message.dedup_id] = now
+        self.published += 1
+        self._enqueue(encode(message), 1)
+
+    async def publish_raw(self, data: bytes) -> None:
+        """Put arbitrary bytes on the bus (to test poison messages)."""
+        self._enqueue(data, 1)
+
+    def _enqueue(self, data: bytes, deliveries: int, delay: float = 0.0) -> None:
+        if delay > 0:
+            asyncio.get_running_loop().call_later(delay, self._queue.put_nowait, (data, deliveries))
+        else:
+            self._queue.put_nowait((data, deliveries))
+
+    def redeliver_unsettled(self) -> int:
+        """Redeliver every unsettled delivery now, as if their ack wait had passed."""
+        pending = list(self._inflight)
+        for delivery in pending:
+            delivery._expire()
+        return len(pending)
+
+    @property
+    def backlog(self) -> int:
+        """Messages waiting plus messages delivered and not yet settled."""
+        return self._queue.qsize() + len(self._inflight)
+
+    async def subscribe(self, handler: Handler) -> None:
+        if self._task is not None:
+            raise RuntimeError("InMemoryEventBus supports one subscriber at a time")
+        self._task = asyncio.create_task(self._pump(handler), name="commandnet-memory-bus")
+
+    async def _pump(self, handler: Handler) -> None:
+        while True:
+            data, deliveries = await self._queue.get()
+            delivery = _MemoryDelivery(self, data, deliveries)
+            self._inflight.add(delivery)
+            delivery._arm()
+            await handler(delivery)
+
+    async def unsubscribe(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def close(self) -> None:
+        await self.unsubscribe()

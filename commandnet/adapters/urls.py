@@ -1,0 +1,47 @@
+"""Build a store or a bus from a URL, importing only the driver that URL needs.
+
+Stores: ``memory://``, ``sqlite:///path/to/file.db``, ``postgresql://user@host/db``.
+Buses: ``memory://``, ``nats://host:4222`` (pool from the ``pool`` argument).
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlparse
+
+from ..bus import EventBus
+from ..errors import CommandNetError
+from ..persistence import Persistence
+
+
+def store_from_url(url: str) -> Persistence:
+    """A Persistence for ``url``."""
+    scheme = urlparse(url).scheme
+    if scheme == "memory":
+        from .memory import InMemoryPersistence
+
+        return InMemoryPersistence()
+    if scheme == "sqlite":
+        from .sqlite import SQLitePersistence
+
+        path = url.split("://", 1)[1]
+        return SQLitePersistence(path[1:] if path.startswith("/") and not path.startswith("//")
+                                 else path)
+    if scheme in ("postgres", "postgresql"):
+        from .postgres import PostgresPersistence
+
+        return PostgresPersistence(url)
+    raise CommandNetError(f"unsupported store URL {url!r} (memory://, sqlite:///, postgresql://)")
+
+
+def bus_from_url(url: str, pool: str = "default") -> EventBus:
+    """An EventBus for ``url`` serving worker pool ``pool``."""
+    scheme = urlparse(url).scheme
+    if scheme == "memory":
+        from .memory import InMemoryEventBus
+
+        return InMemoryEventBus()
+    if scheme in ("nats", "tls"):
+        from .nats import JetStreamBus
+
+        return JetStreamBus(url, pool=pool)
+    raise CommandNetError(f"unsupported bus URL {url!r} (memory://, nats://)")

@@ -1,0 +1,56 @@
+"""The bus interface: it carries "agent X should run step N" and commands from outside."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+
+from .messages import CancelCommand, StepEvent, TriggerCommand
+
+
+class Delivery(ABC):
+    """One received message and the ways to settle it (exactly one of ack/nack/dead_letter)."""
+
+    data: bytes
+    deliveries: int  # 1 on the first delivery, more on redeliveries
+
+    @abstractmethod
+    async def ack(self) -> None:
+        """Done with it: never deliver it again."""
+
+    @abstractmethod
+    async def nack(self, delay: float) -> None:
+        """Not now: deliver it again after ``delay`` seconds."""
+
+    @abstractmethod
+    async def in_progress(self) -> None:
+        """Still working on it: postpone the redelivery deadline."""
+
+    @abstractmethod
+    async def dead_letter(self, reason: str) -> None:
+        """Unprocessable: set it aside with a reason, never redeliver it."""
+
+
+Handler = Callable[[Delivery], Awaitable[None]]
+
+
+class EventBus(ABC):
+    """Publishes step events and commands; delivers them at least once to a subscriber."""
+
+    async def connect(self) -> None:
+        """Connect and create what the bus needs (idempotent). Called by the engine at start."""
+
+    @abstractmethod
+    async def publish(self, message: StepEvent | TriggerCommand | CancelCommand) -> None:
+        """Publish a message; a repeat of one ``dedup_id`` may be dropped by the bus."""
+
+    @abstractmethod
+    async def subscribe(self, handler: Handler) -> None:
+        """Start delivering messages to ``handler`` in the background; returns at once."""
+
+    @abstractmethod
+    async def unsubscribe(self) -> None:
+        """Stop fetching new messages; messages already handed out may still be settled."""
+
+    async def close(self) -> None:
+        """Disconnect."""

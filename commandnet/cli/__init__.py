@@ -1,0 +1,1 @@
+"""The ``commandnet`` command line (click); each command lives in a module of its own."""

@@ -1,0 +1,504 @@
+"""The engine: leases a step, runs its node with no transaction open, commits, publishes next.
+
+See DESIGN §3. The store is the truth; the bus only says "run step N". Every state change is
+fenced by (lease owner, step), so duplicates, stale workers and cancellations cannot double a
+transition; crashes are repaired by redelivery, the outbox sweeper and the stalled-agent
+reconciler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from .bus import Delivery, EventBus
+from .errors import (
+    AgentNotFoundError,
+    CommandNetError,
+    ContextValidationError,
+    InvalidTransitionError,
+    MalformedMessageError,
+    NodeTimeoutError,
+    UnknownNodeError,
+)
+from .graph import Graph, GraphAnalyzer, NodeClass
+from .messages import CancelCommand, StepEvent, TriggerCommand, decode
+from .observer import ErrorInfo, Observer, StatusInfo, TransitionInfo
+from .persistence import Persistence
+from .records import (
+    AgentRecord,
+    AgentStatus,
+    Commit,
+    Failure,
+    HistoryRecord,
+    LeaseState,
+    NewAgent,
+    OutboxEntry,
+)
+
+log = logging.getLogger("commandnet")
+
+FaultHook = Callable[[str, StepEvent], None]
+"""Called at protocol points ("before_commit", "after_commit", "after_publish"); may raise."""
+
+
+# Failures that no retry can fix: they fail the agent at once.
+_FATAL = (ContextValidationError, UnknownNodeError, InvalidTransitionError)
+
+
+class Engine:
+    """Runs agents: triggers them, and (after :meth:`start_worker`) executes their steps.
+
+    One engine is one worker. Several engines (processes) may share a store and a bus.
+    ``lease_seconds`` bounds how long a crashed worker blocks its agents; ``max_in_flight``
+    bounds concurrent steps; ``sweep_interval``, ``outbox_grace`` and ``stall_after`` tune the
+    repair loops (lost publishes, lost messages).
+    """
+
+    def __init__(
+        self,
+        persistence: Persistence,
+        event_bus: EventBus,
+        *,
+        graphs: Iterable[NodeClass] = (),
+        observer: Observer | None = None,
+        observers: Iterable[Observer] = (),
+        owner: str | None = None,
+        lease_seconds: float = 30.0,
+        max_in_flight: int = 64,
+        sweep_interval: float = 2.0,
+        outbox_grace: float = 5.0,
+        stall_after: float = 300.0,
+    ) -> None:
+        self.persistence = persistence
+        self.bus = event_bus
+        self.observers = [*([observer] if observer else []), *observers]
+        self.owner = owner or f"worker-{uuid.uuid4().hex[:12]}"
+        self.lease_seconds = lease_seconds
+        self.max_in_flight = max_in_flight
+        self.sweep_interval = sweep_interval
+        self.outbox_grace = outbox_grace
+        self.stall_after = stall_after
+        self.fault_hook: FaultHook | None = None
+        self._nodes: dict[str, tuple[Graph, NodeClass]] = {}
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._started = False
+        self._consuming = False
+        self._redo = 0
+        self._final = asyncio.Condition()
+        for start in graphs:
+            self.register(start)
+
+    # ----------------------------------------------------------------- graphs
+
+    def register(self, start: NodeClass) -> Graph:
+        """Validate the graph reachable from ``start`` and let this engine run its nodes."""
+        graph = GraphAnalyzer.validate(start)
+        for name, cls in graph.nodes.items():
+            known = self._nodes.get(name)
+            if known is not None and known[1] is not cls:
+                raise UnknownNodeError(
+                    f"node name {name!r} is used by {known[1].__qualname__} and "
+                    f"{cls.__qualname__} in two registered graphs; give one a stable name"
+                )
+        for name, cls in graph.nodes.items():
+            self._nodes.setdefault(name, (graph, cls))
+        return graph
+
+    def _resolve(self, name: str) -> tuple[Graph, NodeClass]:
+        try:
+            return self._nodes[name]
+        except KeyError:
+            known = ", ".join(sorted(self._nodes)) or "none"
+            raise UnknownNodeError(
+                f"unknown node {name!r}: this worker's graphs have {known}"
+            ) from None
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Prepare the store and connect the bus (enough to trigger, cancel and query)."""
+        if not self._started:
+            await self.persistence.setup()
+            await self.bus.connect()
+            self._started = True
+
+    async def start_worker(self) -> None:
+        """Start consuming steps and commands, and the repair loops, in the background."""
+        await self.start()
+        if not self._consuming:
+            self._consuming = True
+            await self.bus.subscribe(self._on_delivery)
+            self._sweeper = asyncio.create_task(self._sweep_loop(), name="commandnet-sweeper")
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """Drain: stop fetching, let in-flight steps finish for ``grace`` s, hand back the rest.
+
+        Closes the bus and the store.
+        """
+        if self._consuming:
+            self._consuming = False
+            await self.bus.unsubscribe()
+            if self._sweeper is not None:
+                self._sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._sweeper
+            if self._tasks:
+                _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    await asyncio.wait(pending, timeout=5.0)
+        if self._started:
+            self._started = False
+            await self.bus.close()
+            await self.persistence.close()
+
+    async def __aenter__(self) -> Engine:
+        await self.start_worker()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def in_flight(self) -> int:
+        """Steps this engine is running now."""
+        return len(self._tasks)
+
+    # ----------------------------------------------------------- public actions
+
+    async def trigger_agent(
+        self,
+        agent_id: str,
+        start_node: NodeClass | str,
+        initial_context: BaseModel | dict[str, Any] | None = None,
+    ) -> bool:
+        """Start an agent; True when created, False when this same request already exists.
+
+        ``start_node`` is a node class (its graph is registered) or a node name. A name that no
+        registered graph has is sent as a trigger command to the workers that have it.
+        Raises TriggerConflictError (same id, other request) and ContextValidationError.
+        """
+        await self.start()
+        if isinstance(start_node, type):
+            self.register(start_node)
+            start_node = start_node.node_name
+        if isinstance(initial_context, BaseModel):
+            raw = initial_context.model_dump(mode="json")
+        else:
+            raw = dict(initial_context or {})
+        if start_node not in self._nodes:
+            await self.bus.publish(TriggerCommand(agent_id=agent_id, start_node=start_node,
+                                                  context=raw))
+            return True
+        graph, _ = self._resolve(start_node)
+        context = self._validate(graph, raw, f"initial context of agent {agent_id!r}")
+        created = await self.persistence.create_agent(NewAgent(agent_id, start_node, context))
+        if created:
+            await self._publish_step(StepEvent(agent_id=agent_id, step=0))
+            await self._notify_status(StatusInfo(agent_id, AgentStatus.RUNNING, start_node, 0,
+                                                 None))
+        return created
+
+    async def cancel_agent(self, agent_id: str, reason: str = "cancelled") -> bool:
+        """Cancel a running agent; its in-flight step, if any, is discarded at commit."""
+        await self.start()
+        cancelled = await self.persistence.cancel_agent(agent_id, reason)
+        if cancelled:
+            rec = await self.persistence.get_agent(agent_id)
+            if rec is not None:
+                await self._notify_status(_status_of(rec))
+            await self._wake()
+        return cancelled
+
+    async def get_agent(self, agent_id: str) -> AgentRecord:
+        """The agent's current row; AgentNotFoundError when there is none."""
+        rec = await self.persistence.get_agent(agent_id)
+        if rec is None:
+            raise AgentNotFoundError(f"no agent {agent_id!r}")
+        return rec
+
+    async def get_history(self, agent_id: str) -> list[HistoryRecord]:
+        """The agent's committed transitions, in order."""
+        return await self.persistence.get_history(agent_id)
+
+    async def wait_for(
+        self, agent_id: str, timeout: float | None = None, poll: float = 0.2
+    ) -> AgentRecord:
+        """Wait until the agent is succeeded, failed or cancelled, and return its row.
+
+        Wakes at once for agents this engine finishes, and polls the store for the rest.
+        Raises TimeoutError after ``timeout`` seconds.
+        """
+        async with asyncio.timeout(timeout):
+            while True:
+                rec = await self.persistence.get_agent(agent_id)
+                if rec is not None and rec.status.is_final:
+                    return rec
+                async with self._final:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._final.wait(), poll)
+
+    async def sweep_once(self) -> int:
+        """Re-publish lost outbox events and the current step of stalled agents; returns count."""
+        entries = await self.persistence.pending_outbox(self.outbox_grace, 1000)
+        for entry in entries:
+            await self.bus.publish(StepEvent(agent_id=entry.agent_id, step=entry.step))
+        if entries:
+            await self.persistence.clear_outbox(entries)
+        stalled = await self.persistence.stalled_agents(self.stall_after, 1000)
+        for entry in stalled:
+            self._redo += 1
+            redo = int(time.time() * 1000) + self._redo
+            await self.bus.publish(StepEvent(agent_id=entry.agent_id, step=entry.step, redo=redo))
+        if entries or stalled:
+            log.info("sweeper re-published %d outbox events and %d stalled steps",
+                     len(entries), len(stalled))
+        return len(entries) + len(stalled)
+
+    # -------------------------------------------------------------- consuming
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_interval)
+            try:
+                await self.sweep_once()
+            except Exception:
+                log.exception("sweeper failed; retrying in %.1fs", self.sweep_interval)
+
+    async def _on_delivery(self, delivery: Delivery) -> None:
+        await self._slots.acquire()
+        task = asyncio.create_task(self._handle(delivery))
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+
+    async def _handle(self, delivery: Delivery) -> None:
+        try:
+            message = decode(delivery.data)
+        except MalformedMessageError as exc:
+            log.error("dead-lettering message: %s", exc)
+            await delivery.dead_letter(str(exc))
+            return
+        try:
+            if isinstance(message, StepEvent):
+                await self._run_step(message, delivery)
+            elif isinstance(message, TriggerCommand):
+                await self._on_trigger(message)
+                await delivery.ack()
+            else:
+                await self.cancel_agent(message.agent_id, message.reason)
+                await delivery.ack()
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await delivery.nack(0)
+            raise
+        except CommandNetError as exc:  # a bad request: it will not get better
+            log.error("dead-lettering %s: %s", message.kind, exc)
+            await delivery.dead_letter(str(exc))
+        except Exception:  # the store or the bus failed: try again later
+            log.exception("handling %s failed; redelivering later", message.dedup_id)
+            with contextlib.suppress(Exception):
+                await delivery.nack(min(self.lease_seconds, 5.0))
+
+    async def _on_trigger(self, cmd: TriggerCommand) -> None:
+        try:
+            graph, _ = self._resolve(cmd.start_node)
+            context = self._validate(graph, cmd.context, f"initial context of {cmd.agent_id!r}")
+        except (UnknownNodeError, ContextValidationError) as exc:
+            log.error("trigger of agent %r refused: %s", cmd.agent_id, exc)
+            agent = NewAgent(cmd.agent_id, cmd.start_node, cmd.context, AgentStatus.FAILED,
+                             str(exc))
+            if await self.persistence.create_agent(agent):
+                await self._notify_status(StatusInfo(cmd.agent_id, AgentStatus.FAILED,
+                                                     cmd.start_node, 0, str(exc)))
+                await self._wake()
+            return
+        await self.trigger_agent(cmd.agent_id, cmd.start_node, context)
+
+    async def _run_step(self, event: StepEvent, delivery: Delivery) -> None:
+        lease = await self.persistence.load_and_lock_agent(
+            event.agent_id, event.step, self.owner, self.lease_seconds
+        )
+        if lease.state is LeaseState.BUSY:
+            await delivery.nack(min(max(lease.retry_after, 0.01), self.lease_seconds))
+            return
+        if lease.state is not LeaseState.GRANTED or lease.record is None:
+            await delivery.ack()  # a duplicate or stale event: the store has moved on
+            return
+        rec = lease.record
+        attempt = rec.attempts + 1
+        started = time.monotonic()
+        try:
+            target, context = await self._execute(rec, delivery)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await self.persistence.release_lease(rec.agent_id, rec.step, self.owner)
+            raise
+        except Exception as exc:
+            await self._fail(rec, attempt, exc, delivery)
+            return
+        commit = Commit(rec.agent_id, self.owner, rec.step, rec.node,
+                        None if target is None else target.node_name, context, attempt,
+                        time.monotonic() - started)
+        self._fault("before_commit", event)
+        if not await self.persistence.save_state(commit):
+            log.info("agent %r step %d: result discarded (lease lost or agent cancelled)",
+                     rec.agent_id, rec.step)
+            await delivery.ack()
+            return
+        self._fault("after_commit", event)
+        if commit.to_node is not None:
+            await self.bus.publish(StepEvent(agent_id=rec.agent_id, step=rec.step + 1))
+            self._fault("after_publish", event)
+            await self.persistence.clear_outbox([OutboxEntry(rec.agent_id, rec.step + 1)])
+        await delivery.ack()
+        status = AgentStatus.RUNNING if commit.to_node else AgentStatus.SUCCEEDED
+        await self._notify_transition(
+            TransitionInfo(rec.agent_id, rec.step + 1, rec.node, commit.to_node, status,
+                           commit.duration, attempt),
+            StatusInfo(rec.agent_id, status, commit.to_node or rec.node, rec.step + 1, None),
+        )
+
+    async def _execute(
+        self, rec: AgentRecord, delivery: Delivery
+    ) -> tuple[NodeClass | None, dict[str, Any]]:
+        """Run the leased node; returns the next node class and the new context (as JSON)."""
+        graph, node_cls = self._resolve(rec.node)
+        ctx = self._model(graph, rec.context, f"stored context at node {rec.node!r}")
+        policy = node_cls.retry
+        run = asyncio.create_task(node_cls().run(ctx))
+        beat = asyncio.create_task(self._heartbeat(rec, delivery, run))
+        try:
+            result = await asyncio.wait_for(asyncio.shield(run), policy.timeout)
+        except TimeoutError:
+            run.cancel()
+            raise NodeTimeoutError(
+                f"node {rec.node!r} timed out after {policy.timeout}s"
+            ) from None
+        finally:
+            beat.cancel()
+            if not run.done():
+                run.cancel()
+        if not graph.allows(rec.node, result):
+            declared = [*graph.edges[rec.node], *(["None"] if rec.node in graph.terminal else [])]
+            got = getattr(result, "__qualname__", repr(result))
+            raise InvalidTransitionError(f"node {rec.node!r} returned {got}, which its return hint does not "
+                         f"declare (declared: {', '.join(declared) or 'nothing'})")
+        dumped = ctx.model_dump(mode="json")
+        self._validate(graph, dumped, f"context returned by node {rec.node!r}")
+        return result, dumped
+
+    async def _heartbeat(self, rec: AgentRecord, delivery: Delivery, run: asyncio.Task[Any]) -> None:
+        """Keep the lease and the message alive while a long node runs."""
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            try:
+                await delivery.in_progress()
+                if not await self.persistence.extend_lease(
+                    rec.agent_id, rec.step, self.owner, self.lease_seconds
+                ):
+                    log.warning("agent %r step %d: lease lost, stopping its node",
+                                rec.agent_id, rec.step)
+                    run.cancel()
+                    return
+            except Exception:
+                log.exception("agent %r: lease extension failed", rec.agent_id)
+
+    async def _fail(self, rec: AgentRecord, attempt: int, exc: Exception,
+                    delivery: Delivery) -> None:
+        policy = self._nodes[rec.node][1].retry if rec.node in self._nodes else None
+        final = isinstance(exc, _FATAL) or policy is None or not policy.should_retry(attempt, exc)
+        delay = 0.0 if final or policy is None else policy.backoff(attempt)
+        error = _describe(exc)
+        recorded = await self.persistence.record_failure(
+            Failure(rec.agent_id, self.owner, rec.step, attempt, error, final, delay)
+        )
+        if recorded and not final:
+            log.warning("agent %r node %r attempt %d failed, retry in %.2fs: %s",
+                        rec.agent_id, rec.node, attempt, delay, error.splitlines()[0])
+            await delivery.nack(delay)
+        else:
+            if recorded:
+                log.error("agent %r failed at node %r after %d attempt(s): %s",
+                          rec.agent_id, rec.node, attempt, error.splitlines()[0])
+            await delivery.ack()
+        if not recorded:
+            return
+        info = ErrorInfo(rec.agent_id, rec.step, rec.node, exc, attempt, final,
+                         None if final else delay)
+        for obs in self.observers:
+            await _safely(obs.on_error(info))
+        if final:
+            await self._notify_status(StatusInfo(rec.agent_id, AgentStatus.FAILED, rec.node,
+                                                 rec.step, error))
+            await self._wake()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _fault(self, point: str, event: StepEvent) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook(point, event)
+
+    async def _publish_step(self, event: StepEvent) -> None:
+        await self.bus.publish(event)
+        await self.persistence.clear_outbox([OutboxEntry(event.agent_id, event.step)])
+
+    @staticmethod
+    def _model(graph: Graph, raw: dict[str, Any], where: str) -> BaseModel:
+        try:
+            return graph.context.model_validate(raw)
+        except ValidationError as exc:
+            raise ContextValidationError(
+                f"{where} does not validate as {graph.context.__name__}: {exc}"
+            ) from None
+
+    def _validate(self, graph: Graph, raw: dict[str, Any], where: str) -> dict[str, Any]:
+        return self._model(graph, raw, where).model_dump(mode="json")
+
+    async def _notify_transition(self, info: TransitionInfo, status: StatusInfo) -> None:
+        for obs in self.observers:
+            await _safely(obs.on_transition(info))
+        await self._notify_status(status)
+        if info.to_node is None:
+            await self._wake()
+
+    async def _notify_status(self, info: StatusInfo) -> None:
+        for obs in self.observers:
+            await _safely(obs.on_status(info))
+
+    async def _wake(self) -> None:
+        async with self._final:
+            self._final.notify_all()
+
+
+def _status_of(rec: AgentRecord) -> StatusInfo:
+    return StatusInfo(rec.agent_id, rec.status, rec.node, rec.step, rec.error)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, CommandNetError):
+        return str(exc)
+    tail = "".join(traceback.format_exception(exc)[-3:]).strip()
+    return f"{type(exc).__name__}: {exc}\n{tail}"
+
+
+async def _safely(awaitable: Any) -> None:
+    try:
+        await awaitable
+    except Exception:
+        log.exception("observer failed (ignored)")

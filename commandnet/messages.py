@@ -1,0 +1,76 @@
+"""The wire format: JSON messages on the bus (never pickle). The bus only says "run step N"."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from .errors import MalformedMessageError
+
+WIRE_VERSION = 1
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    v: Literal[1] = 1
+
+
+class StepEvent(_Message):
+    """Agent ``agent_id`` should run step ``step`` (the state itself lives in the store)."""
+
+    kind: Literal["step"] = "step"
+    agent_id: str = Field(min_length=1)
+    step: int = Field(ge=0)
+    redo: int = Field(default=0, ge=0)  # >0: a reconciler re-publish, which must pass de-dup
+
+    @property
+    def dedup_id(self) -> str:
+        """Identifier for bus-side de-duplication (JetStream ``Nats-Msg-Id``)."""
+        base = f"{self.agent_id}:{self.step}"
+        return f"{base}:r{self.redo}" if self.redo else base
+
+
+class TriggerCommand(_Message):
+    """Start an agent by node name, from a process that need not have the graph's code."""
+
+    kind: Literal["trigger"] = "trigger"
+    agent_id: str = Field(min_length=1)
+    start_node: str = Field(min_length=1)
+    context: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def dedup_id(self) -> str:
+        """Identifier for bus-side de-duplication."""
+        return f"{self.agent_id}:trigger"
+
+
+class CancelCommand(_Message):
+    """Cancel an agent; a step in flight is discarded at commit."""
+
+    kind: Literal["cancel"] = "cancel"
+    agent_id: str = Field(min_length=1)
+    reason: str = "cancelled"
+
+    @property
+    def dedup_id(self) -> str:
+        """Identifier for bus-side de-duplication."""
+        return f"{self.agent_id}:cancel"
+
+
+Message = Annotated[StepEvent | TriggerCommand | CancelCommand, Field(discriminator="kind")]
+_adapter: TypeAdapter[StepEvent | TriggerCommand | CancelCommand] = TypeAdapter(Message)
+
+
+def encode(message: StepEvent | TriggerCommand | CancelCommand) -> bytes:
+    """Serialise a message to JSON bytes."""
+    return message.model_dump_json().encode()
+
+
+def decode(data: bytes) -> StepEvent | TriggerCommand | CancelCommand:
+    """Parse JSON bytes; :class:`MalformedMessageError` names what is wrong."""
+    try:
+        return _adapter.validate_json(data)
+    except ValidationError as exc:
+        preview = data[:120].decode("utf-8", "replace")
+        raise MalformedMessageError(f"malformed message {preview!r}: {exc}") from None

@@ -1,0 +1,57 @@
+"""Hooks for metrics, logs and status mirrors. Observers must not raise; errors are logged."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .records import AgentStatus
+
+
+@dataclass(frozen=True)
+class TransitionInfo:
+    """A committed transition (``to_node`` None: the agent finished)."""
+
+    agent_id: str
+    step: int
+    from_node: str
+    to_node: str | None
+    status: AgentStatus
+    duration: float
+    attempts: int
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """A failed attempt of a node; ``final`` when the agent is now failed."""
+
+    agent_id: str
+    step: int
+    node: str
+    error: BaseException
+    attempt: int
+    final: bool
+    retry_in: float | None
+
+
+@dataclass(frozen=True)
+class StatusInfo:
+    """An agent's latest status, after any change (transition, failure, cancellation)."""
+
+    agent_id: str
+    status: AgentStatus
+    node: str
+    step: int
+    error: str | None
+
+
+class Observer:
+    """Override what you need; every method is called after the change is committed."""
+
+    async def on_transition(self, info: TransitionInfo) -> None:
+        """A transition was committed."""
+
+    async def on_error(self, info: ErrorInfo) -> None:
+        """A node attempt failed (retried unless ``info.final``)."""
+
+    async def on_status(self, info: StatusInfo) -> None:
+        """The agent's status changed; status mirrors (the NATS KV bucket) hook in here."""

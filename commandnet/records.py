@@ -1,0 +1,128 @@
+"""What the store holds about an agent, and what the engine asks it to change."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class AgentStatus(str, enum.Enum):
+    """Lifecycle of an agent; only ``running`` agents are ever leased."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        """Whether the agent will never run again."""
+        return self is not AgentStatus.RUNNING
+
+
+@dataclass(frozen=True)
+class AgentRecord:
+    """One agent row. ``step`` counts committed transitions; ``node`` runs (or ran last)."""
+
+    agent_id: str
+    node: str
+    step: int
+    status: AgentStatus
+    context: dict[str, Any]
+    start_node: str
+    initial_context: dict[str, Any]
+    attempts: int = 0
+    error: str | None = None
+    lease_owner: str | None = None
+    lease_until: float | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class HistoryRecord:
+    """One committed transition: the agent moved from ``step - 1`` to ``step``."""
+
+    agent_id: str
+    step: int
+    from_node: str
+    to_node: str | None
+    attempts: int
+    duration: float
+    at: float
+
+
+@dataclass(frozen=True)
+class NewAgent:
+    """A trigger request, stored with the first step event in one transaction."""
+
+    agent_id: str
+    start_node: str
+    context: dict[str, Any]
+    status: AgentStatus = AgentStatus.RUNNING
+    error: str | None = None
+
+
+class LeaseState(str, enum.Enum):
+    """Outcome of :meth:`Persistence.load_and_lock_agent`."""
+
+    GRANTED = "granted"  # the caller holds the lease and must run the step
+    STALE = "stale"  # the step is past or the agent is final: acknowledge and drop
+    BUSY = "busy"  # another worker holds a live lease, or a retry waits: try after retry_after
+    MISSING = "missing"  # no such agent: drop (a trigger that was never committed)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The answer to a lease request; ``record`` is set when granted."""
+
+    state: LeaseState
+    record: AgentRecord | None = None
+    retry_after: float = 0.0
+
+
+@dataclass(frozen=True)
+class Commit:
+    """A transition to commit, fenced by ``owner`` holding the lease on ``step``.
+
+    ``to_node=None`` ends the agent as succeeded (``node`` stays the last node that ran);
+    otherwise the agent moves to ``to_node`` at ``step + 1`` and the step event for it is
+    written to the outbox in the same transaction.
+    """
+
+    agent_id: str
+    owner: str
+    step: int
+    from_node: str
+    to_node: str | None
+    context: dict[str, Any]
+    attempts: int
+    duration: float
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A failed attempt of ``step``, fenced like a commit.
+
+    ``final`` marks the agent failed; otherwise ``attempts`` is stored and the lease is released
+    for ``retry_in`` seconds (on the store's clock), so no worker runs the step before its backoff
+    is over.
+    """
+
+    agent_id: str
+    owner: str
+    step: int
+    attempts: int
+    error: str
+    final: bool
+    retry_in: float = 0.0
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    """A step event committed but perhaps not yet published."""
+
+    agent_id: str
+    step: int
+    created_at: float = field(default=0.0, compare=False)
