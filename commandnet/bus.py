@@ -35,7 +35,13 @@ Handler = Callable[[Delivery], Awaitable[None]]
 
 
 class EventBus(ABC):
-    """Publishes step events and commands; delivers them at least once to a subscriber."""
+    """Publishes step events and commands; delivers them at least once to a subscriber.
+
+    ``durable`` is False for a bus whose messages die with the process (the in-memory one):
+    a worker starting on such a bus re-publishes every running agent that holds no live lease.
+    """
+
+    durable: bool = True
 
     async def connect(self) -> None:
         """Connect and create what the bus needs (idempotent). Called by the engine at start."""

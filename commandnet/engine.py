@@ -138,6 +138,8 @@ class Engine:
         await self.start()
         if not self._consuming:
             self._consuming = True
+            if not self.bus.durable:  # whatever the bus held died with the last process
+                await self._republish(await self.persistence.stalled_agents(0.0, 1_000_000))
             await self.bus.subscribe(self._on_delivery)
             self._sweeper = asyncio.create_task(self._sweep_loop(), name="commandnet-sweeper")
 
@@ -258,14 +260,18 @@ class Engine:
         if entries:
             await self.persistence.clear_outbox(entries)
         stalled = await self.persistence.stalled_agents(self.stall_after, 1000)
-        for entry in stalled:
-            self._redo += 1
-            redo = int(time.time() * 1000) + self._redo
-            await self.bus.publish(StepEvent(agent_id=entry.agent_id, step=entry.step, redo=redo))
+        await self._republish(stalled)
         if entries or stalled:
             log.info("sweeper re-published %d outbox events and %d stalled steps",
                      len(entries), len(stalled))
         return len(entries) + len(stalled)
+
+    async def _republish(self, stalled: list[OutboxEntry]) -> None:
+        """Re-send current steps under a fresh de-dup id (the first one may still be remembered)."""
+        for entry in stalled:
+            self._redo += 1
+            redo = int(time.time() * 1000) + self._redo
+            await self.bus.publish(StepEvent(agent_id=entry.agent_id, step=entry.step, redo=redo))
 
     # -------------------------------------------------------------- consuming
 
@@ -286,6 +292,8 @@ class Engine:
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("step handler died", exc_info=task.exception())
 
     async def _handle(self, delivery: Delivery) -> None:
         try:

@@ -47,11 +47,9 @@ class InMemoryPersistence(Persistence):
         if old is not None:
             if old.start_node == agent.start_node and old.initial_context == agent.context:
                 return False
-            raise TriggerConflictError(
-                f"agent {agent.agent_id!r} exists with start node {old.start_node!r} and "
-                f"context {old.initial_context!r}; the new trigger asks for "
-                f"{agent.start_node!r} with {agent.context!r}"
-            )
+            raise TriggerConflictError.between(
+                agent.agent_id, (old.start_node, old.initial_context),
+                (agent.start_node, agent.context))
         self.agents[agent.agent_id] = AgentRecord(
             agent_id=agent.agent_id, node=agent.start_node, step=0, status=agent.status,
             context=copy.deepcopy(agent.context), start_node=agent.start_node,
@@ -220,6 +218,8 @@ class InMemoryEventBus(EventBus):
     ``ack_wait`` is how long an unsettled delivery waits before it is redelivered (as JetStream
     does); ``dedup_window`` how long a ``dedup_id`` is remembered.
     """
+
+    durable = False
 
     def __init__(self, ack_wait: float = 30.0, dedup_window: float = 120.0) -> None:
         self.ack_wait = ack_wait

@@ -153,12 +153,11 @@ class SQLitePersistence(Persistence):
             old = db.execute("SELECT start_node, initial_context FROM agents WHERE agent_id = ?",
                              (agent.agent_id,)).fetchone()
             if old is not None:
-                if old[0] == agent.start_node and json.loads(old[1]) == agent.context:
+                old_context = json.loads(old[1])
+                if old[0] == agent.start_node and old_context == agent.context:
                     return False
-                raise TriggerConflictError(
-                    f"agent {agent.agent_id!r} exists with start node {old[0]!r} and context "
-                    f"{old[1]}; the new trigger asks for {agent.start_node!r} with {context}"
-                )
+                raise TriggerConflictError.between(
+                    agent.agent_id, (old[0], old_context), (agent.start_node, agent.context))
             now = self.clock()
             db.execute(
                 f"INSERT INTO agents ({_COLUMNS}) VALUES (?, ?, 0, ?, ?, ?, ?, 0, ?, NULL, NULL, "

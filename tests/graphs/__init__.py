@@ -1,0 +1,1 @@
+"""Example graphs importable by tests and worker subprocesses (``tests.graphs.x:Node``)."""
