@@ -14,7 +14,7 @@ import logging
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -138,10 +138,10 @@ class Engine:
         await self.start()
         if not self._consuming:
             self._consuming = True
-            if not self.bus.durable:  # whatever the bus held died with the last process
-                await self._republish(await self.persistence.stalled_agents(0.0, 1_000_000))
             await self.bus.subscribe(self._on_delivery)
             self._sweeper = asyncio.create_task(self._sweep_loop(), name="commandnet-sweeper")
+            if not self.bus.durable:
+                await self._recover()
 
     async def stop(self, grace: float = 30.0) -> None:
         """Drain: stop fetching, let in-flight steps finish for ``grace`` s, hand back the rest.
@@ -275,6 +275,18 @@ class Engine:
 
     # -------------------------------------------------------------- consuming
 
+    async def _recover(self) -> None:
+        """Re-publish what a non-durable bus lost with the last process: agents free now, then
+        (once their leases have run out) the agents a dead worker still held."""
+        await self._republish(await self.persistence.stalled_agents(0.0, 1_000_000))
+
+        async def later() -> None:
+            await asyncio.sleep(self.lease_seconds + 0.1)
+            await self._republish(await self.persistence.stalled_agents(self.lease_seconds,
+                                                                        1_000_000))
+
+        self._background(later())
+
     async def _sweep_loop(self) -> None:
         while True:
             await asyncio.sleep(self.sweep_interval)
@@ -285,13 +297,17 @@ class Engine:
 
     async def _on_delivery(self, delivery: Delivery) -> None:
         await self._slots.acquire()
-        task = asyncio.create_task(self._handle(delivery))
+        self._background(self._handle(delivery)).add_done_callback(
+            lambda _: self._slots.release())
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._done)
+        return task
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        self._slots.release()
         if not task.cancelled() and task.exception() is not None:
             log.error("step handler died", exc_info=task.exception())
 
