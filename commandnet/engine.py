@@ -14,7 +14,7 @@ import logging
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -25,6 +25,7 @@ from .errors import (
     CommandNetError,
     ContextValidationError,
     InvalidTransitionError,
+    LeaseLostError,
     MalformedMessageError,
     NodeTimeoutError,
     UnknownNodeError,
@@ -89,9 +90,12 @@ class Engine:
         self.stall_after = stall_after
         self.fault_hook: FaultHook | None = None
         self._nodes: dict[str, tuple[Graph, NodeClass]] = {}
+        self._graphs: dict[NodeClass, Graph] = {}
+        self._running: dict[tuple[str, int], tuple[Delivery, asyncio.Timeout]] = {}
+        self._lost: set[tuple[str, int]] = set()
         self._slots = asyncio.Semaphore(max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._sweeper: asyncio.Task[None] | None = None
+        self._loops: set[asyncio.Task[None]] = set()  # sweeper, recovery: cancelled at stop
         self._started = False
         self._consuming = False
         self._redo = 0
@@ -103,6 +107,8 @@ class Engine:
 
     def register(self, start: NodeClass) -> Graph:
         """Validate the graph reachable from ``start`` and let this engine run its nodes."""
+        if start in self._graphs:
+            return self._graphs[start]
         graph = GraphAnalyzer.validate(start)
         for name, cls in graph.nodes.items():
             known = self._nodes.get(name)
@@ -113,6 +119,7 @@ class Engine:
                 )
         for name, cls in graph.nodes.items():
             self._nodes.setdefault(name, (graph, cls))
+        self._graphs[start] = graph
         return graph
 
     def _resolve(self, name: str) -> tuple[Graph, NodeClass]:
@@ -139,7 +146,8 @@ class Engine:
         if not self._consuming:
             self._consuming = True
             await self.bus.subscribe(self._on_delivery)
-            self._sweeper = asyncio.create_task(self._sweep_loop(), name="commandnet-sweeper")
+            self._loops.add(asyncio.create_task(self._sweep_loop(), name="commandnet-sweeper"))
+            self._loops.add(asyncio.create_task(self._heartbeat_loop(), name="commandnet-leases"))
             if not self.bus.durable:
                 await self._recover()
 
@@ -151,10 +159,10 @@ class Engine:
         if self._consuming:
             self._consuming = False
             await self.bus.unsubscribe()
-            if self._sweeper is not None:
-                self._sweeper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._sweeper
+            for loop_task in self._loops:
+                loop_task.cancel()
+            await asyncio.gather(*self._loops, return_exceptions=True)
+            self._loops.clear()
             if self._tasks:
                 _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
                 for task in pending:
@@ -285,7 +293,7 @@ class Engine:
             await self._republish(await self.persistence.stalled_agents(self.lease_seconds,
                                                                         1_000_000))
 
-        self._background(later())
+        self._loops.add(asyncio.create_task(later(), name="commandnet-recovery"))
 
     async def _sweep_loop(self) -> None:
         while True:
@@ -297,17 +305,13 @@ class Engine:
 
     async def _on_delivery(self, delivery: Delivery) -> None:
         await self._slots.acquire()
-        self._background(self._handle(delivery)).add_done_callback(
-            lambda _: self._slots.release())
-
-    def _background(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.create_task(coro)
+        task = asyncio.create_task(self._handle(delivery))
         self._tasks.add(task)
         task.add_done_callback(self._done)
-        return task
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        self._slots.release()
         if not task.cancelled() and task.exception() is not None:
             log.error("step handler died", exc_info=task.exception())
 
@@ -404,44 +408,46 @@ class Engine:
         """Run the leased node; returns the next node class and the new context (as JSON)."""
         graph, node_cls = self._resolve(rec.node)
         ctx = self._model(graph, rec.context, f"stored context at node {rec.node!r}")
-        policy = node_cls.retry
-        run = asyncio.create_task(node_cls().run(ctx))
-        beat = asyncio.create_task(self._heartbeat(rec, delivery, run))
+        timeout = node_cls.retry.timeout
+        key = (rec.agent_id, rec.step)
         try:
-            result = await asyncio.wait_for(asyncio.shield(run), policy.timeout)
+            async with asyncio.timeout(timeout) as deadline:
+                self._running[key] = (delivery, deadline)
+                result = await node_cls().run(ctx)
         except TimeoutError:
-            run.cancel()
-            raise NodeTimeoutError(
-                f"node {rec.node!r} timed out after {policy.timeout}s"
-            ) from None
+            if not deadline.expired():
+                raise  # the node's own TimeoutError, not ours
+            if key in self._lost:
+                raise LeaseLostError(f"agent {rec.agent_id!r} step {rec.step}: lease lost "
+                                     "(cancelled, or taken over after a stall)") from None
+            raise NodeTimeoutError(f"node {rec.node!r} timed out after {timeout}s") from None
         finally:
-            beat.cancel()
-            if not run.done():
-                run.cancel()
+            self._running.pop(key, None)
+            self._lost.discard(key)
         if not graph.allows(rec.node, result):
             declared = [*graph.edges[rec.node], *(["None"] if rec.node in graph.terminal else [])]
             got = getattr(result, "__qualname__", repr(result))
             raise InvalidTransitionError(f"node {rec.node!r} returned {got}, which its return hint does not "
                          f"declare (declared: {', '.join(declared) or 'nothing'})")
         dumped = ctx.model_dump(mode="json")
-        self._validate(graph, dumped, f"context returned by node {rec.node!r}")
+        self._model(graph, dumped, f"context returned by node {rec.node!r}")
         return result, dumped
 
-    async def _heartbeat(self, rec: AgentRecord, delivery: Delivery, run: asyncio.Task[Any]) -> None:
-        """Keep the lease and the message alive while a long node runs."""
+    async def _heartbeat_loop(self) -> None:
+        """Keep the leases and messages of running nodes alive; stop nodes whose lease is lost."""
         while True:
             await asyncio.sleep(self.lease_seconds / 3)
-            try:
-                await delivery.in_progress()
-                if not await self.persistence.extend_lease(
-                    rec.agent_id, rec.step, self.owner, self.lease_seconds
-                ):
-                    log.warning("agent %r step %d: lease lost, stopping its node",
-                                rec.agent_id, rec.step)
-                    run.cancel()
-                    return
-            except Exception:
-                log.exception("agent %r: lease extension failed", rec.agent_id)
+            for (agent_id, step), (delivery, deadline) in list(self._running.items()):
+                try:
+                    await delivery.in_progress()
+                    if not await self.persistence.extend_lease(agent_id, step, self.owner,
+                                                               self.lease_seconds):
+                        log.warning("agent %r step %d: lease lost, stopping its node",
+                                    agent_id, step)
+                        self._lost.add((agent_id, step))
+                        deadline.reschedule(asyncio.get_running_loop().time())
+                except Exception:
+                    log.exception("agent %r: lease extension failed", agent_id)
 
     async def _fail(self, rec: AgentRecord, attempt: int, exc: Exception,
                     delivery: Delivery) -> None:

@@ -53,3 +53,7 @@ class MalformedMessageError(CommandNetError):
 
 class NodeTimeoutError(CommandNetError):
     """A node's `run` took longer than its retry policy's timeout."""
+
+
+class LeaseLostError(CommandNetError):
+    """A worker lost its lease while a node ran (cancelled, or taken over); its result is void."""

@@ -74,7 +74,7 @@ class InMemoryPersistence(Persistence):
             return Lease(LeaseState.BUSY, retry_after=rec.lease_until - now)
         rec = replace(rec, lease_owner=owner, lease_until=now + lease_seconds)
         self.agents[agent_id] = rec
-        return Lease(LeaseState.GRANTED, replace(rec, context=copy.deepcopy(rec.context)))
+        return Lease(LeaseState.GRANTED, rec)  # the engine only reads the context
 
     def _fenced(self, agent_id: str, step: int, owner: str) -> AgentRecord | None:
         rec = self.agents.get(agent_id)
@@ -105,7 +105,7 @@ class InMemoryPersistence(Persistence):
         self.agents[commit.agent_id] = replace(
             rec, node=commit.to_node or rec.node, step=commit.step + 1,
             status=AgentStatus.SUCCEEDED if done else AgentStatus.RUNNING,
-            context=copy.deepcopy(commit.context), attempts=0, error=None,
+            context=commit.context, attempts=0, error=None,
             lease_owner=None, lease_until=None, updated_at=now,
         )
         self.history[commit.agent_id].append(HistoryRecord(

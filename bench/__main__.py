@@ -1,0 +1,62 @@
+"""``make bench``: print throughput and step latency, and write them to bench/results.json."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .core import run_all
+
+RESULTS = Path(__file__).with_name("results.json")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--agents", type=int, default=1000)
+    parser.add_argument("--only", choices=["core", "distributed"], default=None)
+    args = parser.parse_args()
+    report: dict[str, object] = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "load_avg": os.getloadavg()},
+        "graph": "10-node linear chain, trivial nodes",
+    }
+    if args.only in (None, "core"):
+        report["core"] = asyncio.run(run_all(args.agents))
+        _table("core (one process, in-memory bus)", report["core"])  # type: ignore[arg-type]
+    if args.only in (None, "distributed"):
+        try:
+            from .distributed import run_distributed
+        except ImportError as exc:
+            report["distributed"] = {"error": f"not available: {exc}"}
+        else:
+            report["distributed"] = run_distributed(args.agents)
+            _table("distributed (PostgreSQL + JetStream)", report["distributed"])  # type: ignore[arg-type]
+    previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    previous.update(report)
+    RESULTS.write_text(json.dumps(previous, indent=2) + "\n")
+    Console().print(f"written to {RESULTS}")
+
+
+def _table(title: str, cases: dict[str, dict[str, object]]) -> None:
+    table = Table(title=title)
+    for column in ("case", "transitions/s", "p50 step ms", "p99 step ms", "seconds"):
+        table.add_column(column, justify="right")
+    for name, row in cases.items():
+        if not isinstance(row, dict) or "transitions_per_s" not in row:
+            continue
+        table.add_row(name, str(row["transitions_per_s"]), str(row["step_latency_ms_p50"]),
+                      str(row["step_latency_ms_p99"]), str(row["seconds"]))
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Core benchmark: N agents through a 10-node chain of trivial nodes, in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from commandnet import Engine, Observer, TransitionInfo
+from commandnet.adapters.memory import InMemoryEventBus, InMemoryPersistence
+from commandnet.adapters.sqlite import SQLitePersistence
+from commandnet.bus import EventBus
+from commandnet.examples.linear import Start, Trail
+from commandnet.messages import CancelCommand, StepEvent, TriggerCommand
+from commandnet.persistence import Persistence
+
+
+class LatencyProbe(Observer):
+    """Step latency: from the publish of step N to the commit of step N (the transition N+1)."""
+
+    def __init__(self) -> None:
+        self.published: dict[tuple[str, int], float] = {}
+        self.latencies: list[float] = []
+
+    async def on_transition(self, info: TransitionInfo) -> None:
+        sent = self.published.pop((info.agent_id, info.step - 1), None)
+        if sent is not None:
+            self.latencies.append(time.perf_counter() - sent)
+
+
+class TimedBus(InMemoryEventBus):
+    def __init__(self, probe: LatencyProbe) -> None:
+        super().__init__()
+        self.probe = probe
+
+    async def publish(self, message: StepEvent | TriggerCommand | CancelCommand) -> None:
+        if isinstance(message, StepEvent):
+            self.probe.published[(message.agent_id, message.step)] = time.perf_counter()
+        await super().publish(message)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) of values, in milliseconds."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return 1000 * ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+async def run_case(store: Persistence, agents: int, max_in_flight: int = 256) -> dict[str, Any]:
+    """Trigger ``agents`` agents, wait for all, and measure."""
+    probe = LatencyProbe()
+    bus: EventBus = TimedBus(probe)
+    engine = Engine(store, bus, graphs=[Start], observer=probe, max_in_flight=max_in_flight)
+    await engine.start_worker()
+    started = time.perf_counter()
+    for i in range(agents):
+        await engine.trigger_agent(f"bench-{i}", Start, Trail())
+    done = asyncio.Event()
+    finished = 0
+
+    class Finish(Observer):
+        async def on_transition(self, info: TransitionInfo) -> None:
+            nonlocal finished
+            if info.to_node is None:
+                finished += 1
+                if finished == agents:
+                    done.set()
+
+    engine.observers.append(Finish())
+    await asyncio.wait_for(done.wait(), timeout=600)
+    elapsed = time.perf_counter() - started
+    await engine.stop()
+    transitions = agents * 10
+    return {
+        "agents": agents,
+        "transitions": transitions,
+        "seconds": round(elapsed, 3),
+        "transitions_per_s": round(transitions / elapsed),
+        "step_latency_ms_p50": round(percentile(probe.latencies, 50), 3),
+        "step_latency_ms_p99": round(percentile(probe.latencies, 99), 3),
+        "step_latency_ms_mean": round(1000 * statistics.fmean(probe.latencies), 3),
+    }
+
+
+async def run_all(agents: int) -> dict[str, dict[str, Any]]:
+    """Every core case: in-memory, SQLite synchronous=NORMAL and synchronous=FULL."""
+    results = {"memory": await run_case(InMemoryPersistence(), agents)}
+    for sync in ("NORMAL", "FULL"):
+        with tempfile.TemporaryDirectory(prefix="commandnet-bench-", dir=Path.cwd()) as tmp:
+            store = SQLitePersistence(Path(tmp) / "bench.db", synchronous=sync)  # type: ignore[arg-type]
+            results[f"sqlite_{sync.lower()}"] = await run_case(store, agents)
+    return results

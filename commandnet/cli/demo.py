@@ -1,0 +1,142 @@
+"""``commandnet demo``: run the bundled order flow for N agents, with live progress and a summary.
+
+Embedded defaults, nothing to install: a SQLite file in a temporary folder, and either
+``--workers`` separate worker processes sharing it over an embedded nats-server, or
+(``--workers 0``) one process with an in-memory bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import sqlite3
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..adapters.memory import InMemoryEventBus
+from ..adapters.sqlite import SQLitePersistence
+from ..engine import Engine
+from ..examples.orders import Intake, Order
+
+GRAPH = "commandnet.examples.orders:Intake"
+
+
+@click.command()
+@click.option("--agents", default=100, show_default=True, help="How many orders to run.")
+@click.option("--workers", default=0, show_default=True,
+              help="Worker processes (0: run in this process on an in-memory bus).")
+@click.option("--dir", "workdir", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep the SQLite file here (default: a temporary folder).")
+@click.option("--seed", type=int, default=None, help="Seed the simulated provider's failures.")
+def demo(agents: int, workers: int, workdir: Path | None, seed: int | None) -> None:
+    """Run the bundled order flow (branching, a manual-review path, a flaky retried payment)."""
+    if seed is not None:
+        random.seed(seed)
+    logging.getLogger("commandnet").setLevel(logging.CRITICAL)  # retries and failures show in the summary
+    console = Console()
+    with tempfile.TemporaryDirectory(prefix="commandnet-demo-") as tmp:
+        folder = workdir or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        db = folder / "demo.db"
+        db.unlink(missing_ok=True)
+        console.print(f"[bold]commandnet demo[/]: {agents} orders, "
+                      f"{workers or 'no separate'} worker process(es), store {db}")
+        started = time.monotonic()
+        runner = _in_process if workers == 0 else _multi_process(workers)
+        asyncio.run(runner(db, agents, lambda: _progress(console, db, agents)))
+        elapsed = time.monotonic() - started
+        _summary(console, db, elapsed)
+
+
+Watch = Callable[[], AbstractAsyncContextManager[None]]
+
+
+async def _in_process(db: Path, agents: int, watch: Watch) -> None:
+    engine = Engine(SQLitePersistence(db), InMemoryEventBus(), graphs=[Intake], max_in_flight=64)
+    await engine.start_worker()
+    try:
+        async with watch():
+            await _trigger_all(engine, agents)
+    finally:
+        await engine.stop()
+
+
+def _multi_process(workers: int) -> Callable[[Path, int, Watch], object]:
+    async def run(db: Path, agents: int, watch: Watch) -> None:
+        from .demo_cluster import run_cluster
+
+        await run_cluster(db, agents, workers, GRAPH, watch, _trigger_all)
+
+    return run
+
+
+async def _trigger_all(engine: Engine, agents: int) -> None:
+    for i in range(agents):
+        amount = round(random.uniform(5, 900), 2)
+        await engine.trigger_agent(f"order-{i:05d}", Intake,
+                                   Order(order_id=f"order-{i:05d}", amount=amount))
+
+
+class _progress(AbstractAsyncContextManager[None]):
+    """Polls the SQLite file (whoever writes it) and draws a bar until every agent is final."""
+
+    def __init__(self, console: Console, db: Path, total: int) -> None:
+        self.console, self.db, self.total = console, db, total
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        if exc[0] is not None:
+            return
+        columns = (TextColumn("[progress.description]{task.description}"), BarColumn(),
+                   MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=self.console, transient=False) as bar:
+            task = bar.add_task("agents finished", total=self.total)
+            while True:
+                finished, running, transitions = _counts(self.db)
+                bar.update(task, completed=finished,
+                           description=f"running {running:4d} | transitions {transitions:6d}")
+                if finished >= self.total:
+                    break
+                await asyncio.sleep(0.2)
+
+
+def _counts(db: Path) -> tuple[int, int, int]:
+    with sqlite3.connect(db, timeout=5) as conn:
+        by_status = dict(conn.execute("SELECT status, count(*) FROM agents GROUP BY status"))
+        transitions = conn.execute("SELECT count(*) FROM history").fetchone()[0]
+    running = by_status.pop("running", 0)
+    return sum(by_status.values()), running, transitions
+
+
+def _summary(console: Console, db: Path, elapsed: float) -> None:
+    with sqlite3.connect(db, timeout=5) as conn:
+        rows = conn.execute("SELECT status, node, count(*) FROM agents GROUP BY status, node "
+                            "ORDER BY status, node").fetchall()
+        transitions = conn.execute("SELECT count(*) FROM history").fetchone()[0]
+        retried = conn.execute("SELECT count(*) FROM history WHERE attempts > 1").fetchone()[0]
+        errors = conn.execute("SELECT agent_id, node, error FROM agents WHERE status = 'failed' "
+                              "ORDER BY agent_id LIMIT 3").fetchall()
+    table = Table(title="Agents by final node")
+    table.add_column("status")
+    table.add_column("final node")
+    table.add_column("agents", justify="right")
+    for status, node, count in rows:
+        table.add_row(status, node, str(count))
+    console.print(table)
+    failed = sum(count for status, _, count in rows if status == "failed")
+    console.print(f"failures: {failed}   steps that needed a retry: {retried}   "
+                  f"transitions: {transitions} in {elapsed:.1f}s = "
+                  f"[bold]{transitions / elapsed:.0f} transitions/s[/]")
+    for agent_id, node, error in errors:
+        console.print(f"  failed {agent_id} at {node}: {(error or '').splitlines()[0]}")
