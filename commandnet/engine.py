@@ -31,7 +31,7 @@ from .errors import (
     UnknownNodeError,
 )
 from .graph import Graph, GraphAnalyzer, NodeClass
-from .messages import CancelCommand, StepEvent, TriggerCommand, decode
+from .messages import StepEvent, TriggerCommand, decode
 from .observer import ErrorInfo, Observer, StatusInfo, TransitionInfo
 from .persistence import Persistence
 from .records import (
@@ -427,8 +427,9 @@ class Engine:
         if not graph.allows(rec.node, result):
             declared = [*graph.edges[rec.node], *(["None"] if rec.node in graph.terminal else [])]
             got = getattr(result, "__qualname__", repr(result))
-            raise InvalidTransitionError(f"node {rec.node!r} returned {got}, which its return hint does not "
-                         f"declare (declared: {', '.join(declared) or 'nothing'})")
+            raise InvalidTransitionError(
+                f"node {rec.node!r} returned {got}, which its return hint does not declare "
+                f"(declared: {', '.join(declared) or 'nothing'})")
         dumped = ctx.model_dump(mode="json")
         self._model(graph, dumped, f"context returned by node {rec.node!r}")
         return result, dumped

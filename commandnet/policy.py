@@ -28,7 +28,8 @@ class RetryPolicy(BaseModel):
 
     def backoff(self, attempt: int) -> float:
         """Seconds to wait before attempt number ``attempt + 1`` (``attempt`` counts from 1)."""
-        base = min(self.initial_interval * self.multiplier ** max(attempt - 1, 0), self.max_interval)
+        growth = self.multiplier ** max(attempt - 1, 0)
+        base = min(self.initial_interval * growth, self.max_interval)
         spread = base * self.jitter
         return max(0.0, base + random.uniform(-spread, spread))
 

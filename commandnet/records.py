@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-class AgentStatus(str, enum.Enum):
+class AgentStatus(enum.StrEnum):
     """Lifecycle of an agent; only ``running`` agents are ever leased."""
 
     RUNNING = "running"
@@ -64,7 +64,7 @@ class NewAgent:
     error: str | None = None
 
 
-class LeaseState(str, enum.Enum):
+class LeaseState(enum.StrEnum):
     """Outcome of :meth:`Persistence.load_and_lock_agent`."""
 
     GRANTED = "granted"  # the caller holds the lease and must run the step

@@ -77,7 +77,7 @@ async def test_runs_to_terminal_and_keeps_history(engine: Engine) -> None:
 async def test_trigger_is_idempotent_and_conflicts_are_clear(engine: Engine) -> None:
     assert await engine.trigger_agent("a1", Start, {"query": "q"}) is True
     assert await engine.trigger_agent("a1", "Start", Ctx(query="q")) is False
-    with pytest.raises(TriggerConflictError, match='"q".*"other"'):
+    with pytest.raises(TriggerConflictError, match=r'"q".*"other"'):
         await engine.trigger_agent("a1", Start, {"query": "other"})
     with pytest.raises(TriggerConflictError, match="'Done'"):
         await engine.trigger_agent("a1", Done, {"query": "q"})

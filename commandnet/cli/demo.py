@@ -41,7 +41,8 @@ def demo(agents: int, workers: int, workdir: Path | None, seed: int | None) -> N
     """Run the bundled order flow (branching, a manual-review path, a flaky retried payment)."""
     if seed is not None:
         random.seed(seed)
-    logging.getLogger("commandnet").setLevel(logging.CRITICAL)  # retries and failures show in the summary
+    # Retries and failures are part of the show: the summary reports them, the log need not.
+    logging.getLogger("commandnet").setLevel(logging.CRITICAL)
     console = Console()
     with tempfile.TemporaryDirectory(prefix="commandnet-demo-") as tmp:
         folder = workdir or Path(tmp)
