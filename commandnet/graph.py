@@ -145,7 +145,7 @@ def _edges_of(node: NodeClass, problems: list[str]) -> tuple[list[NodeClass], bo
     return targets, ends
 
 
-def _flatten(hint: Any, inside_type: bool = False) -> Iterator[NodeClass | None | tuple[str, str]]:
+def _flatten(hint: Any, inside_type: bool = False) -> Iterator[NodeClass | tuple[str, str] | None]:
     """Yield node classes, None (finish), or ("bad", reason) for each member of a hint."""
     origin = typing.get_origin(hint)
     if hint is None or hint is type(None):

@@ -6,8 +6,9 @@ import pytest
 from pydantic import BaseModel
 
 from commandnet import Node, RetryPolicy
+from commandnet.examples.linear import Start as Step0
+from commandnet.examples.linear import Trail as Counter
 from commandnet.testing import CRASH_POINTS, FaultHarness
-from commandnet.examples.linear import Start as Step0, Trail as Counter
 
 
 class Ctx(BaseModel):

@@ -29,7 +29,7 @@ class Executing(Node[Ctx]):
 
 
 class AuthCheck(Node[Ctx]):
-    async def run(self, ctx: Ctx) -> Union[Type[Executing], Type[Denied]]:  # noqa: UP007
+    async def run(self, ctx: Ctx) -> Union[Type[Executing], Type[Denied]]:
         return Executing
 
 
@@ -44,7 +44,7 @@ class Loop(Node[Ctx]):
 
 
 class Finish(Node[Ctx], name="finish-v1"):
-    async def run(self, ctx: Ctx) -> Optional[type[Loop]]:  # noqa: UP045
+    async def run(self, ctx: Ctx) -> Optional[type[Loop]]:
         return None
 
 

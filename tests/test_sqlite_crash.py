@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 AGENTS = 20
 
-WORKER = """
+WORKER = f"""
 import asyncio, sys
 from commandnet import Engine
 from commandnet.adapters.memory import InMemoryEventBus
@@ -27,13 +27,13 @@ async def main(path, trigger):
                     lease_seconds=1.0, max_in_flight=8)
     await engine.start_worker()
     if trigger:
-        for i in range({agents}):
+        for i in range({AGENTS}):
             await engine.trigger_agent(f"agent-{{i}}", Step0, Counter())
     print("ready", flush=True)
     await asyncio.Event().wait()
 
 asyncio.run(main(sys.argv[1], sys.argv[2] == "trigger"))
-""".format(agents=AGENTS)
+"""
 
 
 def _worker(db: Path, mode: str) -> subprocess.Popen[str]:
