@@ -42,6 +42,7 @@ class Node(Generic[CtxT]):
     else:
 
         async def run(self, ctx: CtxT) -> None:
+            """Do this step's work; return the next node's class, or ``None`` when done."""
             raise NotImplementedError(f"{type(self).__name__}.run is not implemented")
 
 

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+from typing_extensions import override
+
 from ..bus import Delivery, EventBus, Handler
 from ..errors import TriggerConflictError
 from ..messages import CancelCommand, StepEvent, TriggerCommand, encode
@@ -41,6 +43,7 @@ class InMemoryPersistence(Persistence):
         self.history: dict[str, list[HistoryRecord]] = {}
         self.outbox: dict[tuple[str, int], OutboxEntry] = {}
 
+    @override
     async def create_agent(self, agent: NewAgent) -> bool:
         now = self.clock()
         old = self.agents.get(agent.agent_id)
@@ -61,6 +64,7 @@ class InMemoryPersistence(Persistence):
             self.outbox[(agent.agent_id, 0)] = OutboxEntry(agent.agent_id, 0, now)
         return True
 
+    @override
     async def load_and_lock_agent(
         self, agent_id: str, step: int, owner: str, lease_seconds: float
     ) -> Lease:
@@ -87,6 +91,7 @@ class InMemoryPersistence(Persistence):
             return None
         return rec
 
+    @override
     async def extend_lease(
         self, agent_id: str, step: int, owner: str, lease_seconds: float
     ) -> bool:
@@ -96,6 +101,7 @@ class InMemoryPersistence(Persistence):
         self.agents[agent_id] = replace(rec, lease_until=self.clock() + lease_seconds)
         return True
 
+    @override
     async def save_state(self, commit: Commit) -> bool:
         rec = self._fenced(commit.agent_id, commit.step, commit.owner)
         if rec is None:
@@ -117,6 +123,7 @@ class InMemoryPersistence(Persistence):
             self.outbox[key] = OutboxEntry(commit.agent_id, commit.step + 1, now)
         return True
 
+    @override
     async def record_failure(self, failure: Failure) -> bool:
         rec = self._fenced(failure.agent_id, failure.step, failure.owner)
         if rec is None:
@@ -129,11 +136,13 @@ class InMemoryPersistence(Persistence):
         )
         return True
 
+    @override
     async def release_lease(self, agent_id: str, step: int, owner: str) -> None:
         rec = self._fenced(agent_id, step, owner)
         if rec is not None:
             self.agents[agent_id] = replace(rec, lease_owner=None, lease_until=None)
 
+    @override
     async def cancel_agent(self, agent_id: str, reason: str) -> bool:
         rec = self.agents.get(agent_id)
         if rec is None or rec.status is not AgentStatus.RUNNING:
@@ -144,21 +153,26 @@ class InMemoryPersistence(Persistence):
         )
         return True
 
+    @override
     async def get_agent(self, agent_id: str) -> AgentRecord | None:
         rec = self.agents.get(agent_id)
         return None if rec is None else replace(rec, context=copy.deepcopy(rec.context))
 
+    @override
     async def get_history(self, agent_id: str) -> list[HistoryRecord]:
         return list(self.history.get(agent_id, []))
 
+    @override
     async def pending_outbox(self, older_than: float, limit: int) -> list[OutboxEntry]:
         cutoff = self.clock() - older_than
         return [e for e in self.outbox.values() if e.created_at <= cutoff][:limit]
 
+    @override
     async def clear_outbox(self, entries: Sequence[OutboxEntry]) -> None:
         for entry in entries:
             self.outbox.pop((entry.agent_id, entry.step), None)
 
+    @override
     async def stalled_agents(self, older_than: float, limit: int) -> list[OutboxEntry]:
         now = self.clock()
         return [
@@ -196,17 +210,21 @@ class _MemoryDelivery(Delivery):
         self.bus._inflight.discard(self)
         return True
 
+    @override
     async def ack(self) -> None:
         self._settle()
 
+    @override
     async def nack(self, delay: float) -> None:
         if self._settle():
             self.bus._enqueue(self.data, self.deliveries + 1, delay)
 
+    @override
     async def in_progress(self) -> None:
         if not self.settled:
             self._arm()
 
+    @override
     async def dead_letter(self, reason: str) -> None:
         if self._settle():
             self.bus.dead_letters.append((self.data, reason))
@@ -231,6 +249,7 @@ class InMemoryEventBus(EventBus):
         self._inflight: set[_MemoryDelivery] = set()
         self._task: asyncio.Task[None] | None = None
 
+    @override
     async def publish(self, message: StepEvent | TriggerCommand | CancelCommand) -> None:
         now = time.monotonic()
         if len(self._seen) > 10_000:
@@ -264,6 +283,7 @@ class InMemoryEventBus(EventBus):
         """Messages waiting plus messages delivered and not yet settled."""
         return self._queue.qsize() + len(self._inflight)
 
+    @override
     async def subscribe(self, handler: Handler) -> None:
         if self._task is not None:
             raise RuntimeError("InMemoryEventBus supports one subscriber at a time")
@@ -277,6 +297,7 @@ class InMemoryEventBus(EventBus):
             delivery._arm()
             await handler(delivery)
 
+    @override
     async def unsubscribe(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -284,5 +305,6 @@ class InMemoryEventBus(EventBus):
                 await self._task
             self._task = None
 
+    @override
     async def close(self) -> None:
         await self.unsubscribe()

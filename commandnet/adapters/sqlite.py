@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from typing_extensions import override
+
 from ..errors import CommandNetError, TriggerConflictError
 from ..persistence import Persistence
 from ..records import (
@@ -90,6 +92,7 @@ class SQLitePersistence(Persistence):
 
     # ------------------------------------------------------------ connection
 
+    @override
     async def setup(self) -> None:
         if self._db is not None:
             return
@@ -106,6 +109,7 @@ class SQLitePersistence(Persistence):
         if version < SCHEMA_VERSION:
             await self._write(_migrate)
 
+    @override
     async def close(self) -> None:
         if self._db is not None:
             self._db.close()
@@ -146,6 +150,7 @@ class SQLitePersistence(Persistence):
 
     # --------------------------------------------------------------- protocol
 
+    @override
     async def create_agent(self, agent: NewAgent) -> bool:
         context = json.dumps(agent.context)
 
@@ -171,6 +176,7 @@ class SQLitePersistence(Persistence):
 
         return await self._write(body)
 
+    @override
     async def load_and_lock_agent(
         self, agent_id: str, step: int, owner: str, lease_seconds: float
     ) -> Lease:
@@ -195,6 +201,7 @@ class SQLitePersistence(Persistence):
 
         return await self._write(body)
 
+    @override
     async def extend_lease(
         self, agent_id: str, step: int, owner: str, lease_seconds: float
     ) -> bool:
@@ -203,6 +210,7 @@ class SQLitePersistence(Persistence):
             f"UPDATE agents SET lease_until = ? WHERE {_FENCE}", (until, agent_id, step, owner)
         ).rowcount == 1)
 
+    @override
     async def save_state(self, commit: Commit) -> bool:
         done = commit.to_node is None
         context = json.dumps(commit.context)
@@ -230,6 +238,7 @@ class SQLitePersistence(Persistence):
 
         return await self._write(body)
 
+    @override
     async def record_failure(self, failure: Failure) -> bool:
         now = self.clock()
         return await self._write(lambda db: db.execute(
@@ -240,12 +249,14 @@ class SQLitePersistence(Persistence):
              failure.owner),
         ).rowcount == 1)
 
+    @override
     async def release_lease(self, agent_id: str, step: int, owner: str) -> None:
         await self._write(lambda db: db.execute(
             f"UPDATE agents SET lease_owner = NULL, lease_until = NULL WHERE {_FENCE}",
             (agent_id, step, owner),
         ))
 
+    @override
     async def cancel_agent(self, agent_id: str, reason: str) -> bool:
         now = self.clock()
         return await self._write(lambda db: db.execute(
@@ -254,29 +265,34 @@ class SQLitePersistence(Persistence):
             (reason, now, agent_id),
         ).rowcount == 1)
 
+    @override
     async def get_agent(self, agent_id: str) -> AgentRecord | None:
         row = self.db.execute(f"SELECT {_COLUMNS} FROM agents WHERE agent_id = ?",
                               (agent_id,)).fetchone()
         return None if row is None else _record(row)
 
+    @override
     async def get_history(self, agent_id: str) -> list[HistoryRecord]:
         rows = self.db.execute(
             "SELECT agent_id, step, from_node, to_node, attempts, duration, at FROM history "
             "WHERE agent_id = ? ORDER BY step", (agent_id,)).fetchall()
         return [HistoryRecord(*row) for row in rows]
 
+    @override
     async def pending_outbox(self, older_than: float, limit: int) -> list[OutboxEntry]:
         rows = self.db.execute(
             "SELECT agent_id, step, created_at FROM outbox WHERE created_at <= ? LIMIT ?",
             (self.clock() - older_than, limit)).fetchall()
         return [OutboxEntry(*row) for row in rows]
 
+    @override
     async def clear_outbox(self, entries: Sequence[OutboxEntry]) -> None:
         if entries:
             await self._write(lambda db: db.executemany(
                 "DELETE FROM outbox WHERE agent_id = ? AND step = ?",
                 [(e.agent_id, e.step) for e in entries]))
 
+    @override
     async def stalled_agents(self, older_than: float, limit: int) -> list[OutboxEntry]:
         now = self.clock()
         rows = self.db.execute(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import heapq
 import itertools
 
+from typing_extensions import override
+
 from ..bus import Delivery, EventBus, Handler
 from ..messages import CancelCommand, StepEvent, TriggerCommand, encode
 
@@ -16,6 +18,7 @@ class VirtualClock:
         self.now = start
 
     def __call__(self) -> float:
+        """The current virtual time."""
         return self.now
 
     def advance(self, seconds: float) -> None:
@@ -34,16 +37,20 @@ class _VDelivery(Delivery):
         self.bus.unsettled.discard(self)
         return fresh
 
+    @override
     async def ack(self) -> None:
         self._settle()
 
+    @override
     async def nack(self, delay: float) -> None:
         if self._settle():
             self.bus.put(self.data, self.deliveries + 1, delay)
 
+    @override
     async def in_progress(self) -> None:
         """Nothing to postpone: unsettled deliveries wait for :meth:`VirtualTimeBus.redeliver`."""
 
+    @override
     async def dead_letter(self, reason: str) -> None:
         if self._settle():
             self.bus.dead_letters.append((self.data, reason))
@@ -61,6 +68,7 @@ class VirtualTimeBus(EventBus):
         self._seq = itertools.count()
         self._seen: set[str] = set()
 
+    @override
     async def publish(self, message: StepEvent | TriggerCommand | CancelCommand) -> None:
         if self.dedup and message.dedup_id in self._seen:
             return
@@ -92,8 +100,10 @@ class VirtualTimeBus(EventBus):
     def __len__(self) -> int:
         return len(self._heap)
 
+    @override
     async def subscribe(self, handler: Handler) -> None:
         raise NotImplementedError("VirtualTimeBus is driven by FaultHarness, not subscribed to")
 
+    @override
     async def unsubscribe(self) -> None:
         """Nothing to stop."""
