@@ -48,12 +48,13 @@ def main() -> None:
 
 def _table(title: str, cases: dict[str, dict[str, object]]) -> None:
     table = Table(title=title)
-    for column in ("case", "transitions/s", "p50 step ms", "p99 step ms", "seconds"):
+    for column in ("case", "arrivals", "transitions/s", "p50 step ms", "p99 step ms", "seconds"):
         table.add_column(column, justify="right")
     for name, row in cases.items():
         if not isinstance(row, dict) or "transitions_per_s" not in row:
             continue
-        table.add_row(name, str(row["transitions_per_s"]), str(row["step_latency_ms_p50"]),
+        table.add_row(name, str(row.get("arrivals_per_s", "")),
+                      str(row["transitions_per_s"]), str(row["step_latency_ms_p50"]),
                       str(row["step_latency_ms_p99"]), str(row["seconds"]))
     Console().print(table)
 
