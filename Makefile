@@ -17,7 +17,9 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/commandnet demo
 
-test: $(STAMP)
+# The whole suite: unit, integration (real PostgreSQL and NATS started by fixtures) and the
+# Kubernetes test bed (built by `make tools`, cached outside the repository).
+test: $(STAMP) tools
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

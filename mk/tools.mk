@@ -1,0 +1,18 @@
+# Test-bed tools and the local Kubernetes control plane (issue 4; docs/kubernetes-testbed.md).
+# Versions: tools/versions.env. Built binaries are cached outside the repository, keyed by version.
+
+.PHONY: tools cluster-up cluster-down e2e-kube
+
+# helm, helm-unittest (untt + a local helm plugin), etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler, kubectl, kubelet, kind -> .tools/bin. Seconds when already built.
+tools:
+	bash tools/install.sh
+
+cluster-up: $(STAMP)
+	$(PY) -m e2e.localcluster up
+
+cluster-down: $(STAMP)
+	$(PY) -m e2e.localcluster down
+
+e2e-kube: $(STAMP)
+	$(PY) -m pytest e2e -q
