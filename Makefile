@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/commandnet demo
+	$(VENV)/bin/commandnet demo --agents 100 --workers 2
 
 # The whole suite: unit, integration (real PostgreSQL and NATS started by fixtures) and the
 # Kubernetes test bed (built by `make tools`, cached outside the repository).

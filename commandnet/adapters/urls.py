@@ -1,6 +1,7 @@
 """Build a store or a bus from a URL, importing only the driver that URL needs.
 
-Stores: ``memory://``, ``sqlite:///path/to/file.db``, ``postgresql://user@host/db``.
+Stores: ``memory://``, ``sqlite:///relative/file.db`` or ``sqlite:////absolute/file.db`` (as
+SQLAlchemy spells them), ``postgresql://user@host/db``.
 Buses: ``memory://``, ``nats://host:4222`` (pool from the ``pool`` argument).
 """
 
@@ -23,9 +24,10 @@ def store_from_url(url: str) -> Persistence:
     if scheme == "sqlite":
         from .sqlite import SQLitePersistence
 
-        path = url.split("://", 1)[1]
-        return SQLitePersistence(path[1:] if path.startswith("/") and not path.startswith("//")
-                                 else path)
+        if not url.startswith("sqlite:///"):
+            raise CommandNetError(f"SQLite URL {url!r} must start with sqlite:/// (relative path) "
+                                  "or sqlite://// (absolute path)")
+        return SQLitePersistence(url.removeprefix("sqlite:///"))
     if scheme in ("postgres", "postgresql"):
         from .postgres import PostgresPersistence
 

@@ -13,9 +13,10 @@ import random
 import sqlite3
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -32,8 +33,9 @@ GRAPH = "commandnet.examples.orders:Intake"
 
 @click.command()
 @click.option("--agents", default=100, show_default=True, help="How many orders to run.")
-@click.option("--workers", default=0, show_default=True,
-              help="Worker processes (0: run in this process on an in-memory bus).")
+@click.option("--workers", default=2, show_default=True,
+              help="Worker processes sharing an embedded nats-server (0: run in this process "
+                   "on an in-memory bus).")
 @click.option("--dir", "workdir", type=click.Path(file_okay=False, path_type=Path),
               help="Keep the SQLite file here (default: a temporary folder).")
 @click.option("--seed", type=int, default=None, help="Seed the simulated provider's failures.")
@@ -52,13 +54,14 @@ def demo(agents: int, workers: int, workdir: Path | None, seed: int | None) -> N
         console.print(f"[bold]commandnet demo[/]: {agents} orders, "
                       f"{workers or 'no separate'} worker process(es), store {db}")
         started = time.monotonic()
-        runner = _in_process if workers == 0 else _multi_process(workers)
+        runner: Runner = _in_process if workers == 0 else _multi_process(workers)
         asyncio.run(runner(db, agents, lambda: _progress(console, db, agents)))
         elapsed = time.monotonic() - started
         _summary(console, db, elapsed)
 
 
 Watch = Callable[[], AbstractAsyncContextManager[None]]
+Runner = Callable[[Path, int, Watch], Coroutine[Any, Any, None]]
 
 
 async def _in_process(db: Path, agents: int, watch: Watch) -> None:
@@ -71,7 +74,7 @@ async def _in_process(db: Path, agents: int, watch: Watch) -> None:
         await engine.stop()
 
 
-def _multi_process(workers: int) -> Callable[[Path, int, Watch], object]:
+def _multi_process(workers: int) -> Runner:
     async def run(db: Path, agents: int, watch: Watch) -> None:
         from .demo_cluster import run_cluster
 

@@ -47,3 +47,7 @@ def cli(log_level: str) -> None:
 def main() -> None:
     """Console-script entry point."""
     cli()
+
+
+if __name__ == "__main__":
+    main()

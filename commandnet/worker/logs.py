@@ -15,6 +15,8 @@ import time
 from collections.abc import Iterable
 from typing import Any, TextIO
 
+from ..observer import Observer, StatusInfo, TransitionInfo
+
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message", "asctime", "taskName",
@@ -36,7 +38,7 @@ class JsonFormatter(logging.Formatter):
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+            entry["exc"] = record.exc_text or self.formatException(record.exc_info)
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
         return json.dumps(entry, default=str, ensure_ascii=False)
@@ -63,9 +65,14 @@ class RedactingFilter(logging.Filter):
         return True
 
     def _scrub(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
+        return redact(text, self.secrets)
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every secret in ``secrets`` replaced by ``***`` (longest first)."""
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def setup_logging(
@@ -94,3 +101,26 @@ def setup_logging(
         logging.getLogger(noisy).setLevel(logging.DEBUG if level.upper() == "DEBUG"
                                           else logging.WARNING)
     return handler
+
+
+class LogObserver(Observer):
+    """Logs each committed transition (DEBUG) and each final status (INFO) with structured
+    fields: ``agent_id``, ``step``, ``node``, ``to_node``, ``status``, ``duration``."""
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self.log = logger or logging.getLogger("commandnet.agents")
+
+    async def on_transition(self, info: TransitionInfo) -> None:
+        if self.log.isEnabledFor(logging.DEBUG):
+            self.log.debug("agent %s step %d: %s -> %s", info.agent_id, info.step,
+                           info.from_node, info.to_node or "end", extra={
+                               "agent_id": info.agent_id, "step": info.step,
+                               "node": info.from_node, "to_node": info.to_node,
+                               "duration": round(info.duration, 6), "attempts": info.attempts})
+
+    async def on_status(self, info: StatusInfo) -> None:
+        if info.status.is_final:
+            self.log.info("agent %s %s at node %s, step %d", info.agent_id, info.status.value,
+                          info.node, info.step, extra={
+                              "agent_id": info.agent_id, "status": info.status.value,
+                              "node": info.node, "step": info.step, "error": info.error})

@@ -1,0 +1,650 @@
+"""NATS JetStream bus (nats-py): one work stream, a durable pull consumer per pool, a DLQ.
+
+Layout (DESIGN §4), for the defaults ``stream="COMMANDNET"``, ``prefix="commandnet"``:
+
+- stream ``COMMANDNET`` (file storage, work-queue retention: an acknowledged message is gone)
+  takes ``commandnet.*.events`` (step events) and ``commandnet.*.commands`` (trigger/cancel);
+  ``Nats-Msg-Id`` = the message's ``dedup_id`` de-duplicates within ``duplicate_window``.
+- durable pull consumer ``<pool>`` filtered on ``commandnet.<pool>.events`` and
+  ``.commands``: explicit ack, bounded ``max_ack_pending``, ``max_deliver`` with ``backoff``.
+  Every worker of the pool binds to it, so the replicas compete for its messages.
+- stream ``COMMANDNET_DLQ`` (limits retention: kept until deleted) takes
+  ``commandnet.dlq.<pool>.<events|commands>``; a dead letter is the original bytes with the
+  reason and origin in ``Commandnet-*`` headers. It is never redelivered. A message that
+  JetStream gives up on after ``max_deliver`` deliveries is moved there too.
+- KV bucket ``COMMANDNET_STATUS``: agents' latest status (see :mod:`.nats_status`).
+
+Everything is created idempotently: streams and bucket at :meth:`JetStreamBus.connect`, the
+pool's consumer at :meth:`JetStreamBus.subscribe` (only workers consume). A config that differs
+from ours is updated; a change the server refuses raises :class:`JetStreamConfigError`.
+
+Unknown pools: a message on ``commandnet.<other>.events`` is only ever seen by pool
+``<other>``'s consumer, so it never blocks another pool. If no consumer serves ``<other>``, it
+waits in the stream (a pool being deployed gets its queued work) for ``orphan_after`` seconds;
+then any subscribed worker moves it to the DLQ under ``commandnet.dlq.<other>.*`` with the
+reason "unknown pool", logged. A subject outside the stream (``commandnet.<pool>.foo``) is
+refused at publish time (BusPublishError).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from typing_extensions import override
+
+from ..bus import Delivery, EventBus, Handler
+from ..errors import CommandNetError
+from ..messages import CancelCommand, StepEvent, TriggerCommand, encode
+from .nats_status import (
+    JetStreamStatusObserver,
+    StatusReader,
+    StatusUpdate,
+    decode_agent_id,
+    encode_agent_id,
+    ensure_bucket,
+    read_status,
+    status_key,
+)
+
+__all__ = [
+    "BusPublishError",
+    "JetStreamBus",
+    "JetStreamConfigError",
+    "JetStreamStatusObserver",
+    "StatusReader",
+    "StatusUpdate",
+    "decode_agent_id",
+    "encode_agent_id",
+    "read_status",
+    "status_key",
+]
+
+log = logging.getLogger("commandnet.nats")
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+REASON_HEADER = "Commandnet-Reason"
+SUBJECT_HEADER = "Commandnet-Subject"
+SEQUENCE_HEADER = "Commandnet-Stream-Seq"
+DELIVERIES_HEADER = "Commandnet-Deliveries"
+
+
+class JetStreamConfigError(CommandNetError):
+    """A stream, consumer or bucket exists with a config the server will not let us change."""
+
+
+class BusPublishError(ConnectionError):
+    """A publish was not acknowledged by JetStream (server down, reconnecting, no stream).
+
+    Deliberately not a CommandNetError: the engine treats those as permanent and dead-letters;
+    a failed publish is transient (the incoming message is nacked, the outbox re-publishes).
+    """
+
+
+def _token(kind: str, value: str) -> str:
+    if not _TOKEN.match(value):
+        raise JetStreamConfigError(
+            f"{kind} {value!r} is not usable in NATS subjects and names: "
+            "use letters, digits, '-' and '_' only")
+    return value
+
+
+def _subject_matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` is one token, a trailing ``>`` one or more."""
+    want, have = pattern.split("."), subject.split(".")
+    for index, token in enumerate(want):
+        if token == ">":
+            return len(have) > index
+        if index >= len(have) or (token != "*" and token != have[index]):
+            return False
+    return len(want) == len(have)
+
+
+def _header_value(text: str, limit: int = 2000) -> str:
+    """Headers are single-line ASCII: fold newlines, escape the rest, bound the length."""
+    flat = " | ".join(part.strip() for part in text.splitlines() if part.strip())
+    flat = flat.encode("ascii", "backslashreplace").decode("ascii")
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+class _JetStreamDelivery(Delivery):
+    """One fetched message; settling it twice is a no-op (as in the memory bus)."""
+
+    def __init__(self, bus: JetStreamBus, msg: Msg) -> None:
+        self.bus = bus
+        self.msg = msg
+        self.data = msg.data
+        self.deliveries = msg.metadata.num_delivered
+        self.settled = False
+
+    def _settle(self) -> bool:
+        if self.settled:
+            return False
+        self.settled = True
+        return True
+
+    @override
+    async def ack(self) -> None:
+        if self._settle():
+            await self.msg.ack()
+
+    @override
+    async def nack(self, delay: float) -> None:
+        if self._settle():
+            await self.msg.nak(delay if delay > 0 else None)
+
+    @override
+    async def in_progress(self) -> None:
+        if not self.settled:
+            await self.msg.in_progress()
+
+    @override
+    async def dead_letter(self, reason: str) -> None:
+        if self.settled:
+            return
+        await self.bus._dead_letter(self.msg, reason)  # raises: leave it unsettled, redelivered
+        self.settled = True
+        await self.msg.term()
+
+
+class JetStreamBus(EventBus):
+    """EventBus over NATS JetStream for worker pool ``pool``; see the module docstring.
+
+    ``servers``: one URL or several (``nats://user:pass@host:4222``). ``ack_wait``: seconds a
+    delivery may stay unsettled (in-progress acks extend it) before JetStream redelivers it;
+    ``backoff`` the consumer's successive ack waits of redeliveries (default: none, plain
+    ``ack_wait``). Leave it empty: with a consumer BackOff, nats-server (2.15) ignores the delay
+    of a nak from the second redelivery on, so the engine's retry policy (which naks with its
+    backoff) would wait ``backoff[n]`` instead. ``max_deliver`` bounds deliveries (nacks count);
+    ``fetch_batch`` and ``fetch_wait`` shape the pull loop; ``max_age`` bounds how long an
+    unconsumed message is kept (0: forever); ``orphan_after``: a subscribed bus moves messages
+    of pools that no consumer serves to the DLQ once they are this old (None: never).
+    """
+
+    durable = True
+
+    def __init__(
+        self,
+        servers: str | list[str],
+        *,
+        pool: str = "default",
+        stream: str = "COMMANDNET",
+        prefix: str = "commandnet",
+        status_bucket: str | None = None,
+        max_ack_pending: int = 1000,
+        max_deliver: int = 100,
+        ack_wait: float = 30.0,
+        backoff: Sequence[float] = (),
+        fetch_batch: int = 32,
+        fetch_wait: float = 1.0,
+        duplicate_window: float = 120.0,
+        max_age: float = 7 * 24 * 3600.0,
+        publish_timeout: float = 5.0,
+        connect_timeout: float = 5.0,
+        replicas: int = 1,
+        orphan_after: float | None = 3600.0,
+    ) -> None:
+        self.servers = [servers] if isinstance(servers, str) else list(servers)
+        self.pool = _token("pool", pool)
+        self.stream = _token("stream", stream)
+        self.prefix = prefix
+        for part in prefix.split("."):
+            _token("subject prefix part", part)
+        self.dlq_stream = f"{stream}_DLQ"
+        self.status_bucket = _token("status bucket", status_bucket or f"{stream}_STATUS")
+        self.consumer = self.pool
+        self.events_subject = f"{prefix}.{pool}.events"
+        self.commands_subject = f"{prefix}.{pool}.commands"
+        self.max_ack_pending = max_ack_pending
+        self.ack_wait = ack_wait
+        self.backoff = [float(b) for b in backoff]
+        if self.backoff and self.backoff[0] < ack_wait:
+            raise JetStreamConfigError(
+                f"pool {pool!r}: the first backoff ({self.backoff[0]}s) replaces ack_wait "
+                f"({ack_wait}s); in-progress acks would come too late. Start backoff at ack_wait")
+        self.max_deliver = max_deliver
+        if max_deliver != -1 and self.backoff and max_deliver <= len(self.backoff):
+            raise JetStreamConfigError(
+                f"pool {pool!r}: max_deliver ({max_deliver}) must exceed len(backoff) "
+                f"({len(self.backoff)})")
+        self.fetch_batch = fetch_batch
+        self.fetch_wait = fetch_wait
+        self.duplicate_window = duplicate_window
+        self.max_age = max_age
+        self.publish_timeout = publish_timeout
+        self.connect_timeout = connect_timeout
+        self.replicas = replicas
+        self.orphan_after = orphan_after
+        self.nc: NatsClient | None = None
+        self.js: JetStreamContext | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._advisories: Subscription | None = None
+        self._janitor: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ setup
+
+    @property
+    def is_connected(self) -> bool:
+        """Whether the client holds a live connection now (for ``/readyz``)."""
+        return self.nc is not None and self.nc.is_connected
+
+    def dlq_subject(self, origin: str | None = None) -> str:
+        """Where dead letters from subject ``origin`` go: ``<prefix>.dlq.<pool>.<kind>``."""
+        pool, kind = self.pool, "other"
+        head = f"{self.prefix}."
+        if origin and origin.startswith(head):
+            parts = origin[len(head):].split(".")
+            if len(parts) == 2 and _TOKEN.match(parts[0]):
+                pool = parts[0]
+                kind = parts[1] if parts[1] in ("events", "commands") else "other"
+        return f"{self.prefix}.dlq.{pool}.{kind}"
+
+    @override
+    async def connect(self) -> None:
+        async with self._lock:
+            if self.nc is not None and not self.nc.is_closed:
+                return
+            self.nc = await nats.connect(
+                self.servers, name=f"commandnet-{self.pool}",
+                connect_timeout=max(1, int(self.connect_timeout)),
+                reconnect_time_wait=1, max_reconnect_attempts=-1,
+                error_cb=self._on_error, disconnected_cb=self._on_disconnect,
+                reconnected_cb=self._on_reconnect,
+            )
+            self.js = self.nc.jetstream(timeout=self.publish_timeout)
+            await self.ensure()
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.warning("nats client error (pool %r): %s", self.pool, exc)
+
+    async def _on_disconnect(self) -> None:
+        if not self._stopping:
+            log.warning("nats disconnected (pool %r); reconnecting", self.pool)
+
+    async def _on_reconnect(self) -> None:
+        log.info("nats reconnected (pool %r) to %s", self.pool,
+                 self.nc.connected_url.netloc if self.nc and self.nc.connected_url else "?")
+
+    def _jsc(self) -> JetStreamContext:
+        if self.js is None:
+            raise CommandNetError(f"JetStreamBus for pool {self.pool!r} is not connected: "
+                                  "call connect() (the engine does at start)")
+        return self.js
+
+    async def ensure(self) -> None:
+        """Create or update the work stream, the DLQ stream and the status bucket."""
+        js = self._jsc()
+        storage = StorageType.FILE
+        await self._ensure_stream(StreamConfig(
+            name=self.stream, subjects=[f"{self.prefix}.*.events", f"{self.prefix}.*.commands"],
+            retention=RetentionPolicy.WORK_QUEUE, storage=storage, discard=DiscardPolicy.OLD,
+            duplicate_window=self.duplicate_window, max_age=self.max_age,
+            num_replicas=self.replicas,
+            description="commandnet work: step events and commands, one consumer per pool",
+        ))
+        await self._ensure_stream(StreamConfig(
+            name=self.dlq_stream, subjects=[f"{self.prefix}.dlq.*.*"],
+            retention=RetentionPolicy.LIMITS, storage=storage, discard=DiscardPolicy.OLD,
+            duplicate_window=self.duplicate_window, num_replicas=self.replicas,
+            description="commandnet dead letters: unprocessable messages, with the reason",
+        ))
+        await ensure_bucket(js, self.status_bucket, self.replicas)
+
+    async def ensure_consumer(self) -> None:
+        """Create or update the pool's durable consumer (at :meth:`subscribe`).
+
+        Only consuming workers create it: a process that merely publishes (the CLI, the
+        operator) must not make a mistyped pool look served (see ``orphan_after``).
+        """
+        js = self._jsc()
+        config = ConsumerConfig(
+            durable_name=self.consumer, deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT, ack_wait=self.ack_wait,
+            max_deliver=self.max_deliver, backoff=self.backoff or None,
+            max_ack_pending=self.max_ack_pending,
+            filter_subjects=[self.events_subject, self.commands_subject],
+            description=f"commandnet worker pool {self.pool}",
+        )
+        try:
+            await js.add_consumer(self.stream, config)
+        except nats.js.errors.APIError as exc:
+            raise JetStreamConfigError(
+                f"consumer {self.consumer!r} on stream {self.stream!r} (pool {self.pool!r}) "
+                f"cannot be created or updated to our config: {exc.description} "
+                f"(err_code {exc.err_code}); delete it or align the settings") from None
+
+    async def _ensure_stream(self, config: StreamConfig) -> None:
+        js = self._jsc()
+        assert config.name is not None
+        try:
+            await js.add_stream(config)
+            return
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != 10058:  # stream name already in use with a different config
+                raise JetStreamConfigError(
+                    f"stream {config.name!r} cannot be created: {exc.description}") from None
+        try:
+            await js.update_stream(config)
+            log.info("stream %r existed with another config; updated it", config.name)
+        except nats.js.errors.APIError as exc:
+            raise JetStreamConfigError(
+                f"stream {config.name!r} exists with a config that cannot be changed to ours "
+                f"({exc.description}); delete or migrate the stream") from None
+
+    # ---------------------------------------------------------------- publish
+
+    def subject_for(self, message: StepEvent | TriggerCommand | CancelCommand) -> str:
+        """Step events go to the pool's ``.events``, commands to its ``.commands``."""
+        return self.events_subject if isinstance(message, StepEvent) else self.commands_subject
+
+    @override
+    async def publish(self, message: StepEvent | TriggerCommand | CancelCommand) -> None:
+        await self.publish_raw(encode(message), self.subject_for(message), message.dedup_id)
+
+    async def publish_raw(self, data: bytes, subject: str | None = None,
+                          dedup_id: str | None = None) -> None:
+        """Publish bytes (default subject: the pool's events); raises BusPublishError."""
+        subject = subject or self.events_subject
+        headers = {"Nats-Msg-Id": dedup_id} if dedup_id else None
+        try:
+            try:
+                await self._jsc().publish(subject, data, headers=headers,
+                                          timeout=self.publish_timeout)
+            except nats.js.errors.NoStreamResponseError:
+                if subject not in (self.events_subject, self.commands_subject):
+                    raise
+                # Our own stream is gone (a server that lost its store): recreate, retry once.
+                log.warning("no stream takes %r; re-creating stream %r", subject, self.stream)
+                await self.ensure()
+                await self._jsc().publish(subject, data, headers=headers,
+                                          timeout=self.publish_timeout)
+        except nats.js.errors.NoStreamResponseError:
+            raise BusPublishError(
+                f"no JetStream stream takes subject {subject!r} (is the server up, and is "
+                f"{subject!r} one of {self.prefix}.<pool>.events/.commands?)") from None
+        except (nats.errors.Error, OSError, TimeoutError, JetStreamConfigError) as exc:
+            raise BusPublishError(
+                f"publish of {dedup_id or 'a message'!r} to {subject!r} failed: "
+                f"{type(exc).__name__}: {exc}") from exc
+
+    async def _dead_letter(self, msg: Msg, reason: str) -> None:
+        meta = msg.metadata
+        await self._store_dead_letter(msg.data, msg.subject, meta.sequence.stream,
+                                      meta.num_delivered, reason)
+
+    async def _store_dead_letter(self, data: bytes, origin: str, seq: int, deliveries: int,
+                                 reason: str) -> None:
+        """Publish to the DLQ; raises BusPublishError (the message then stays where it is)."""
+        headers = {
+            REASON_HEADER: _header_value(reason) or "unspecified",
+            SUBJECT_HEADER: origin,
+            SEQUENCE_HEADER: str(seq),
+            DELIVERIES_HEADER: str(deliveries),
+            # A retried dead-lettering (term lost, message redelivered) is stored once.
+            "Nats-Msg-Id": f"dlq:{self.stream}:{seq}",
+        }
+        subject = self.dlq_subject(origin)
+        try:
+            await self._jsc().publish(subject, data, headers=headers,
+                                      timeout=self.publish_timeout)
+        except (nats.errors.Error, OSError, TimeoutError) as exc:
+            raise BusPublishError(f"dead-lettering stream message {seq} of {origin!r} to "
+                                  f"{subject!r} failed: {exc}") from exc
+        log.warning("dead-lettered %s seq %d (delivery %d) to %s: %s", origin, seq,
+                    deliveries, subject, headers[REASON_HEADER])
+
+    async def _on_max_deliveries(self, advisory: Msg) -> None:
+        """JetStream gave up on a message (``max_deliver``): move it to the DLQ.
+
+        Without this it would sit in the work-queue stream, unacknowledged and never delivered.
+        Every worker of the pool gets the advisory; the DLQ de-duplicates, a second delete
+        finds nothing. The store stays the truth: a running agent whose step was dropped here
+        is re-published by the stalled-agent reconciler.
+        """
+        try:
+            info = json.loads(advisory.data)
+            seq, deliveries = int(info["stream_seq"]), int(info.get("deliveries", 0))
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("unreadable max-deliveries advisory %r: %s", advisory.data[:200], exc)
+            return
+        js = self._jsc()
+        try:
+            raw = await js.get_msg(self.stream, seq)
+        except nats.js.errors.NotFoundError:
+            return  # another worker moved it already
+        except Exception as exc:
+            log.error("message %d of stream %r exceeded max_deliver (%d) but cannot be read "
+                      "to dead-letter it: %s", seq, self.stream, self.max_deliver, exc)
+            return
+        try:
+            await self._store_dead_letter(
+                raw.data or b"", str(raw.subject or self.events_subject), seq, deliveries,
+                f"exceeded max_deliver ({deliveries} deliveries, limit {self.max_deliver})")
+            await js.delete_msg(self.stream, seq)
+        except nats.js.errors.NotFoundError:
+            pass
+        except Exception as exc:
+            log.error("dead-lettering message %d of stream %r after max_deliver failed: %s",
+                      seq, self.stream, exc)
+
+    # -------------------------------------------------------------- consuming
+
+    @override
+    async def subscribe(self, handler: Handler) -> None:
+        if self._task is not None:
+            raise CommandNetError(f"JetStreamBus for pool {self.pool!r} already has a subscriber")
+        self._jsc()
+        assert self.nc is not None
+        await self.ensure_consumer()
+        self._stopping = False
+        self._advisories = await self.nc.subscribe(
+            f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.stream}.{self.consumer}",
+            cb=self._on_max_deliveries)
+        self._task = asyncio.create_task(self._fetch_loop(handler),
+                                         name=f"commandnet-nats-{self.pool}")
+        self._task.add_done_callback(self._loop_ended)
+        if self.orphan_after is not None:
+            self._janitor = asyncio.create_task(self._orphan_loop(self.orphan_after),
+                                                name=f"commandnet-nats-orphans-{self.pool}")
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("the fetch loop of pool %r stopped: no more messages will be consumed",
+                      self.pool, exc_info=task.exception())
+
+    async def _fetch_loop(self, handler: Handler) -> None:
+        js = self._jsc()
+        psub = await js.pull_subscribe_bind(self.consumer, stream=self.stream)
+        failures = 0
+        try:
+            while not self._stopping:
+                try:
+                    msgs = await psub.fetch(self.fetch_batch, timeout=self.fetch_wait)
+                except (nats.errors.TimeoutError, TimeoutError):
+                    failures = 0
+                    continue  # nothing to do within fetch_wait
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    failures += 1
+                    pause = min(0.1 * 2**failures, 5.0)
+                    log.warning("fetch from consumer %r failed (%d in a row), retrying in "
+                                "%.1fs: %s: %s", self.consumer, failures, pause,
+                                type(exc).__name__, exc)
+                    await asyncio.sleep(pause)
+                    if failures % 5 == 0:  # the consumer may be gone (server lost its store)
+                        with contextlib.suppress(Exception):
+                            await self.ensure()
+                            await self.ensure_consumer()
+                    continue
+                failures = 0
+                await self._dispatch(msgs, handler)
+        finally:
+            with contextlib.suppress(Exception):
+                await psub.unsubscribe()
+
+    async def _dispatch(self, msgs: list[Msg], handler: Handler) -> None:
+        """Hand each message to the handler (which may wait for a free slot)."""
+        for index, msg in enumerate(msgs):
+            try:
+                delivery = _JetStreamDelivery(self, msg)
+            except Exception as exc:  # not a JetStream message (no ack reply): drop it
+                log.error("ignoring a non-JetStream message on %s: %s", msg.subject, exc)
+                continue
+            if self._stopping:
+                await self._give_back(msgs[index:])
+                return
+            try:
+                await handler(delivery)
+            except asyncio.CancelledError:
+                await self._give_back(msgs[index + 1:] if delivery.settled else msgs[index:])
+                raise
+            except Exception:
+                log.exception("handler failed on %s; it will be redelivered", msg.subject)
+                with contextlib.suppress(Exception):
+                    if not delivery.settled:
+                        await delivery.nack(1.0)
+
+    @staticmethod
+    async def _give_back(msgs: list[Msg]) -> None:
+        """Let other workers take messages this one fetched but will not handle."""
+        for msg in msgs:
+            with contextlib.suppress(Exception):
+                await msg.nak()
+
+    @override
+    async def unsubscribe(self) -> None:
+        janitor, self._janitor = self._janitor, None
+        if janitor is not None:
+            janitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await janitor
+        advisories, self._advisories = self._advisories, None
+        if advisories is not None:
+            with contextlib.suppress(Exception):
+                await advisories.unsubscribe()
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stopping = True
+        # The loop ends by itself after the current fetch; cancel it if a handler blocks.
+        done, _ = await asyncio.wait({task}, timeout=self.fetch_wait + 0.5)
+        if not done:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+    @override
+    async def close(self) -> None:
+        await self.unsubscribe()
+        nc, self.nc, self.js = self.nc, None, None
+        if nc is not None and not nc.is_closed:
+            self._stopping = True
+            # Drain flushes the acks still buffered; bounded, as the server may be gone.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.drain(), 5.0)
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+    # --------------------------------------------------------------- orphans
+
+    async def _orphan_loop(self, older_than: float) -> None:
+        interval = max(0.5, min(older_than / 2, 60.0))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.sweep_orphans(older_than)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("orphan sweep of stream %r failed: %s: %s", self.stream,
+                            type(exc).__name__, exc)
+
+    async def sweep_orphans(self, older_than: float) -> int:
+        """Dead-letter messages older than ``older_than`` s on subjects no consumer reads.
+
+        Such a message is addressed to a pool that has no workers (a typo in ``--pool``, a pool
+        removed); its own subject keeps it away from every other pool, so it blocks nobody, but
+        left alone it would wait until ``max_age``. Returns how many were moved.
+        """
+        js = self._jsc()
+        info = await js.stream_info(self.stream, subjects_filter=">")
+        subjects = info.state.subjects or {}
+        if not subjects:
+            return 0
+        filters: list[str] = []
+        for consumer in await js.consumers_info(self.stream):
+            config = consumer.config
+            filters += config.filter_subjects or [config.filter_subject or ">"]
+        cutoff = datetime.now(UTC) - timedelta(seconds=older_than)
+        moved = 0
+        for subject in subjects:
+            if any(_subject_matches(pattern, subject) for pattern in filters):
+                continue
+            seq = 0
+            while True:
+                try:
+                    raw = await js.get_msg(self.stream, seq=seq + 1, subject=subject, next=True)
+                except nats.js.errors.NotFoundError:
+                    break
+                seq = int(raw.seq or 0)
+                if raw.time is not None and raw.time > cutoff:
+                    break  # the rest of this subject is younger still
+                pool = subject[len(self.prefix) + 1:].split(".")[0]
+                await self._store_dead_letter(
+                    raw.data or b"", subject, seq, 0,
+                    f"no worker pool {pool!r} consumes {subject!r} (waited over "
+                    f"{older_than:g}s): unknown pool")
+                with contextlib.suppress(nats.js.errors.NotFoundError):
+                    await js.delete_msg(self.stream, seq)
+                moved += 1
+        return moved
+
+    # --------------------------------------------------------------- queries
+
+    async def lag(self) -> int:
+        """Messages of this pool not yet acknowledged (pending + ack-pending), as KEDA counts."""
+        info = await self._jsc().consumer_info(self.stream, self.consumer)
+        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
+    async def dead_letters(self, limit: int = 1000) -> list[tuple[bytes, dict[str, str]]]:
+        """This pool's dead letters (data, headers), oldest first, at most ``limit`` per kind."""
+        js = self._jsc()
+        found: list[tuple[int, bytes, dict[str, str]]] = []
+        for kind in ("events", "commands", "other"):
+            subject = f"{self.prefix}.dlq.{self.pool}.{kind}"
+            seq, count = 0, 0
+            while count < limit:
+                try:
+                    raw = await js.get_msg(self.dlq_stream, seq=seq + 1, subject=subject,
+                                           next=True)
+                except nats.js.errors.NotFoundError:
+                    break
+                seq, count = int(raw.seq or 0), count + 1
+                headers = {str(k): str(v) for k, v in (raw.headers or {}).items()}
+                found.append((seq, raw.data or b"", headers))
+        found.sort(key=lambda item: item[0])
+        return [(data, headers) for _, data, headers in found]

@@ -1,0 +1,305 @@
+"""Agents' latest status in a NATS KV bucket: the workers write it, the operator watches it.
+
+Keys are ``<pool>.<encoded agent id>``. KV keys allow only ``[-/_=.A-Za-z0-9]`` and a ``.``
+separates subject tokens, so an agent id is encoded byte-wise: ``A-Z a-z 0-9 - _`` stay as
+they are, every other UTF-8 byte (``.`` ``/`` ``=`` included) becomes ``=XX`` (two upper-case
+hex digits). ``order-1`` stays ``order-1``, ``a.b`` becomes ``a=2Eb``, ``é`` becomes ``=C3=A9``.
+The scheme is reversible and injective (``=`` is always escaped), and ``<pool>.>`` watches one
+pool.
+
+The value is JSON: ``agent_id``, ``pool``, ``status`` (running/succeeded/failed/cancelled),
+``phase`` (the Agent CR's Running/Succeeded/...), ``node``, ``step``, ``error``,
+``updated_at`` (ISO 8601, UTC). Writers never move a key backwards: a status is written only if
+its (step, final?) is not older than the stored one (compare-and-set on the key's revision), so
+two workers' racing notifications cannot leave a finished agent shown as running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
+from typing_extensions import override
+
+from ..errors import CommandNetError
+from ..observer import Observer, StatusInfo
+
+if TYPE_CHECKING:
+    from .nats import JetStreamBus
+
+log = logging.getLogger("commandnet.nats")
+
+DEFAULT_BUCKET = "COMMANDNET_STATUS"
+_PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+_ESCAPE = re.compile(r"=([0-9A-F]{2})")
+_FINAL_RANK = {"running": 0, "succeeded": 1, "failed": 1, "cancelled": 1}
+
+
+def encode_agent_id(agent_id: str) -> str:
+    """An agent id as one KV key token (see the module docstring)."""
+    return "".join(chr(b) if b in _PLAIN else f"={b:02X}" for b in agent_id.encode())
+
+
+def decode_agent_id(token: str) -> str:
+    """The inverse of :func:`encode_agent_id`."""
+    raw = bytearray()
+    pos = 0
+    for match in _ESCAPE.finditer(token):
+        raw += token[pos:match.start()].encode()
+        raw.append(int(match.group(1), 16))
+        pos = match.end()
+    raw += token[pos:].encode()
+    return raw.decode()
+
+
+def status_key(pool: str, agent_id: str) -> str:
+    """The KV key of ``agent_id``'s status in ``pool``."""
+    return f"{pool}.{encode_agent_id(agent_id)}"
+
+
+def _phase(status: str) -> str:
+    return status.capitalize()
+
+
+def _newer_or_same(new: dict[str, Any], old: dict[str, Any]) -> bool:
+    def order(value: dict[str, Any]) -> tuple[int, int]:
+        return int(value.get("step", 0)), _FINAL_RANK.get(str(value.get("status")), 0)
+
+    return order(new) >= order(old)
+
+
+async def ensure_bucket(js: JetStreamContext, bucket: str, replicas: int = 1) -> KeyValue:
+    """Bind to the status bucket, creating it (history 1, file storage) if it is missing."""
+    try:
+        return await js.key_value(bucket)
+    except nats.js.errors.BucketNotFoundError:
+        pass
+    try:
+        return await js.create_key_value(KeyValueConfig(
+            bucket=bucket, history=1, storage=StorageType.FILE, replicas=replicas,
+            description="commandnet: each agent's latest status",
+        ))
+    except nats.js.errors.APIError as exc:
+        # Someone created it meanwhile with another config: use theirs if it is a KV bucket.
+        try:
+            return await js.key_value(bucket)
+        except nats.js.errors.APIError:
+            raise CommandNetError(f"status bucket {bucket!r} cannot be created: "
+                                  f"{exc.description}") from None
+
+
+class JetStreamStatusObserver(Observer):
+    """Writes every status change of the bus's pool to the bus's status bucket.
+
+    Failures are logged, never raised (the transition is committed already; the next status
+    change, or the store, is the truth). One write (compare-and-set) per change when this worker
+    wrote the key last; a read and a write when another worker did.
+    """
+
+    def __init__(self, bus: JetStreamBus, cache_size: int = 10_000) -> None:
+        self.bus = bus
+        self._kv: KeyValue | None = None
+        self._js: JetStreamContext | None = None
+        self._revisions: OrderedDict[str, int] = OrderedDict()
+        self._cache_size = cache_size
+
+    async def _bucket(self) -> KeyValue:
+        js = self.bus._jsc()
+        if self._kv is None or self._js is not js:  # first use, or the bus reconnected anew
+            self._kv = await ensure_bucket(js, self.bus.status_bucket, self.bus.replicas)
+            self._js = js
+        return self._kv
+
+    def _remember(self, key: str, revision: int, final: bool) -> None:
+        self._revisions.pop(key, None)
+        if not final:
+            self._revisions[key] = revision
+            while len(self._revisions) > self._cache_size:
+                self._revisions.popitem(last=False)
+
+    @override
+    async def on_status(self, info: StatusInfo) -> None:
+        value = {
+            "agent_id": info.agent_id, "pool": self.bus.pool, "status": info.status.value,
+            "phase": _phase(info.status.value), "node": info.node, "step": info.step,
+            "error": info.error, "updated_at": datetime.now(UTC).isoformat(),
+        }
+        try:
+            await self.write(status_key(self.bus.pool, info.agent_id), value)
+        except Exception as exc:
+            log.warning("status of agent %r (step %d) not written to bucket %r: %s: %s",
+                        info.agent_id, info.step, self.bus.status_bucket,
+                        type(exc).__name__, exc)
+
+    async def write(self, key: str, value: dict[str, Any]) -> bool:
+        """Store ``value`` unless the key holds a later status; True when written."""
+        kv = await self._bucket()
+        data = json.dumps(value, separators=(",", ":")).encode()
+        final = value.get("status") != "running"
+        for _ in range(10):
+            revision = self._revisions.get(key)
+            try:
+                if revision is None:
+                    written = await kv.create(key, data)
+                else:
+                    written = await kv.update(key, data, last=revision)
+                self._remember(key, written, final)
+                return True
+            except nats.js.errors.KeyWrongLastSequenceError:
+                pass
+            try:
+                entry = await kv.get(key)
+            except nats.js.errors.KeyNotFoundError:  # deleted meanwhile: create again
+                self._revisions.pop(key, None)
+                continue
+            stored = json.loads(entry.value or b"{}")
+            if not _newer_or_same(value, stored):
+                self._remember(key, int(entry.revision or 0), True)
+                return False
+            self._revisions[key] = int(entry.revision or 0)
+        raise CommandNetError(f"status key {key!r} kept changing under 10 writes")
+
+
+@dataclass(frozen=True)
+class StatusUpdate:
+    """One watched change: ``status`` None when the key was deleted; ``replay`` while the watch
+    replays the latest value of every key (before it turns to live changes)."""
+
+    pool: str
+    agent_id: str
+    status: dict[str, Any] | None
+    revision: int
+    replay: bool
+
+
+class StatusReader:
+    """Reads and watches the status bucket (the CLI's ``status``, the operator)."""
+
+    def __init__(self, servers: str | list[str], *, bucket: str = DEFAULT_BUCKET,
+                 connect_timeout: float = 5.0) -> None:
+        self.servers = [servers] if isinstance(servers, str) else list(servers)
+        self.bucket = bucket
+        self.connect_timeout = connect_timeout
+        self.nc: NatsClient | None = None
+        self._kv: KeyValue | None = None
+        self._reconnected = asyncio.Event()
+
+    async def _on_reconnect(self) -> None:
+        self._reconnected.set()
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.warning("status reader: nats client error: %s", exc)
+
+    async def connect(self) -> None:
+        """Connect and bind to the bucket; CommandNetError when it does not exist."""
+        if self.nc is None:
+            self.nc = await nats.connect(self.servers, name="commandnet-status-reader",
+                                         connect_timeout=max(1, int(self.connect_timeout)),
+                                         max_reconnect_attempts=-1, reconnect_time_wait=1,
+                                         reconnected_cb=self._on_reconnect,
+                                         error_cb=self._on_error)
+        try:
+            self._kv = await self.nc.jetstream().key_value(self.bucket)
+        except nats.js.errors.BucketNotFoundError:
+            raise CommandNetError(
+                f"no status bucket {self.bucket!r} on {', '.join(self.servers)}: no worker "
+                "has started on this bus yet") from None
+
+    async def close(self) -> None:
+        """Disconnect."""
+        nc, self.nc, self._kv = self.nc, None, None
+        if nc is not None:
+            await nc.close()
+
+    async def __aenter__(self) -> StatusReader:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    def _bound(self) -> KeyValue:
+        if self._kv is None:
+            raise CommandNetError("StatusReader is not connected: call connect() first")
+        return self._kv
+
+    async def get_status(self, agent_id: str, pool: str = "default") -> dict[str, Any] | None:
+        """The latest status of ``agent_id`` in ``pool``, or None."""
+        try:
+            entry = await self._bound().get(status_key(pool, agent_id))
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        value: dict[str, Any] = json.loads(entry.value or b"{}")
+        return value
+
+    async def watch(self, pool: str | None = None) -> AsyncIterator[StatusUpdate]:
+        """Every key's latest value first (``replay=True``), then changes as they happen.
+
+        After a reconnect (a restarted server loses the watch's ephemeral consumer) the watch
+        starts again and replays every key, so a consumer resynchronises without scanning.
+        """
+        pattern = f"{pool}.>" if pool else ">"
+        failures = 0
+        while True:
+            self._reconnected.clear()
+            try:
+                watcher = await self._bound().watch(pattern)
+            except (nats.errors.Error, TimeoutError) as exc:
+                failures += 1
+                log.warning("status watch on bucket %r not started (%s); retrying", self.bucket,
+                            exc)
+                await asyncio.sleep(min(0.2 * 2**failures, 5.0))
+                continue
+            failures = 0
+            replay = True
+            try:
+                while not self._reconnected.is_set():
+                    try:
+                        entry = await watcher.updates(timeout=1.0)  # type: ignore[no-untyped-call]
+                    except nats.errors.TimeoutError:
+                        continue
+                    if entry is None:  # the marker: the replay is over
+                        replay = False
+                        continue
+                    if not isinstance(entry, KeyValue.Entry):  # the watcher was stopped
+                        return
+                    yield _update(entry, replay)
+                log.info("status watch on bucket %r restarts after a reconnect", self.bucket)
+            finally:
+                try:
+                    await watcher.stop()  # type: ignore[no-untyped-call]
+                except (nats.errors.Error, RuntimeError) as exc:
+                    log.debug("status watcher stop: %s", exc)
+
+
+def _update(entry: KeyValue.Entry, replay: bool) -> StatusUpdate:
+    key_pool, _, token = entry.key.partition(".")
+    deleted = entry.operation in ("DEL", "PURGE")
+    return StatusUpdate(
+        pool=key_pool, agent_id=decode_agent_id(token),
+        status=None if deleted else json.loads(entry.value or b"{}"),
+        revision=int(entry.revision or 0), replay=replay,
+    )
+
+
+async def read_status(servers: str | list[str], pool: str, agent_id: str,
+                      bucket: str = DEFAULT_BUCKET) -> dict[str, Any] | None:
+    """One agent's latest status from the bucket (connects, reads, disconnects)."""
+    async with StatusReader(servers, bucket=bucket) as reader:
+        return await reader.get_status(agent_id, pool)

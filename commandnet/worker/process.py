@@ -1,0 +1,272 @@
+"""One worker process: load the graphs, connect store and bus, consume, serve probes, drain.
+
+Life of a worker: load and validate every ``--graph`` (fail fast, naming the one at fault);
+connect the store (running its migrations when asked) and the bus, each within
+``connect_timeout``; start consuming; answer ``/readyz`` with 200. On SIGTERM or SIGINT it
+drains: ``/readyz`` turns 503, fetching stops, in-flight steps get ``drain_grace`` seconds to
+commit, and whatever is still running is cancelled and handed back (lease released, message
+nacked for immediate redelivery to another worker). Then it exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from ..adapters.urls import bus_from_url, store_from_url
+from ..bus import EventBus
+from ..engine import Engine
+from ..errors import CommandNetError, GraphError
+from ..graph import GraphAnalyzer, NodeClass
+from ..node import Node
+from ..observer import Observer
+from ..persistence import Persistence
+from .http import ProbeServer
+from .logs import LogObserver
+from .metrics import InstrumentedBus, InstrumentedStore, PrometheusObserver
+from .settings import WorkerSettings, mask_url
+
+log = logging.getLogger("commandnet.worker")
+T = TypeVar("T")
+
+_PROBE_AGENT = "commandnet-readyz-probe"
+
+
+class GraphLoadError(CommandNetError):
+    """A ``--graph`` spec cannot be imported, is not a Node class, or its graph is invalid."""
+
+
+class WorkerStartupError(CommandNetError):
+    """The worker cannot start: a bad URL, or the store or bus cannot be reached."""
+
+
+def load_graph(spec: str) -> NodeClass:
+    """Import ``pkg.module:StartNode``, check it is a Node class and that its graph is valid.
+
+    The working directory is put on ``sys.path`` first (as uvicorn and celery do), so a
+    project's own modules load without installing them.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise GraphLoadError(f"graph {spec!r}: expected the form pkg.module:StartNode")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise GraphLoadError(
+                f"graph {spec!r}: no module named {exc.name!r} (is it installed, or is the "
+                f"working directory {os.getcwd()!r} the folder that contains it?)"
+            ) from None
+        raise GraphLoadError(f"graph {spec!r}: importing {module_name!r} failed: {exc}") from None
+    except Exception as exc:  # a syntax or import-time error in the user's module
+        raise GraphLoadError(
+            f"graph {spec!r}: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise GraphLoadError(
+                f"graph {spec!r}: module {module_name!r} has no attribute {attr!r}"
+            ) from None
+    if not (isinstance(obj, type) and issubclass(obj, Node)):
+        kind = f"class {obj.__qualname__}" if isinstance(obj, type) else type(obj).__name__
+        raise GraphLoadError(
+            f"graph {spec!r}: {attr} is a {kind}, not a Node class (subclass commandnet.Node)"
+        )
+    try:
+        GraphAnalyzer.validate(obj)
+    except GraphError as exc:
+        raise GraphLoadError(f"graph {spec!r}: {exc}") from None
+    return obj
+
+
+class Worker:
+    """A worker process's parts and its lifecycle; :meth:`run` returns the exit code."""
+
+    def __init__(self, settings: WorkerSettings, metrics: PrometheusObserver | None = None,
+                 store: Persistence | None = None, bus: EventBus | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or PrometheusObserver()
+        self.graphs = self._load_graphs()
+        self.store = store or self._build("store", settings.store_url,
+                                          lambda: store_from_url(settings.store_dsn()))
+        self.bus = bus or self._build("bus", settings.bus_url,
+                                      lambda: bus_from_url(settings.bus_dsn(), settings.pool))
+        self.engine = Engine(
+            InstrumentedStore(self.store, self.metrics),
+            InstrumentedBus(self.bus, self.metrics),
+            graphs=self.graphs,
+            observers=[self.metrics, LogObserver(), *_status_observers(self.bus)],
+            owner=settings.worker_id,
+            lease_seconds=settings.lease_seconds,
+            max_in_flight=settings.max_in_flight,
+            sweep_interval=settings.sweep_interval,
+            outbox_grace=settings.outbox_grace,
+            stall_after=settings.stall_after,
+        )
+        self.metrics.bind(self.engine)
+        self.http = ProbeServer(settings.http_host, settings.http_port, self.ready,
+                                self.metrics.registry)
+        self.stopping = asyncio.Event()
+        self.consuming = False
+        self.draining = False
+
+    def _load_graphs(self) -> list[NodeClass]:
+        if not self.settings.graph:
+            raise GraphLoadError("no graph to run: give --graph pkg.module:StartNode "
+                                 "(or set COMMANDNET_GRAPH)")
+        return [load_graph(spec) for spec in self.settings.graph]
+
+    @staticmethod
+    def _build(kind: str, url: str, make: Callable[[], T]) -> T:
+        try:
+            return make()
+        except ImportError as exc:
+            raise WorkerStartupError(
+                f"{kind} URL {mask_url(url)!r} needs a driver that is not installed ({exc}); "
+                f"pip install 'commandnet[worker]'"
+            ) from None
+        except (CommandNetError, ValueError) as exc:
+            raise WorkerStartupError(f"bad {kind} URL {mask_url(url)!r}: {exc}") from None
+
+    # ------------------------------------------------------------------ probes
+
+    async def ready(self) -> tuple[bool, str]:
+        """Ready when consuming, not draining, and the store answers a query."""
+        if self.draining:
+            return False, "draining"
+        if not self.consuming:
+            return False, "starting"
+        connected = _bus_connected(self.bus)
+        if connected is False:
+            return False, f"bus {mask_url(self.settings.bus_url)} disconnected"
+        try:
+            await self.store.get_agent(_PROBE_AGENT)
+        except Exception as exc:
+            return False, (f"store {mask_url(self.settings.store_url)} unreachable: "
+                           f"{type(exc).__name__}: {exc}")
+        return True, "ready"
+
+    # --------------------------------------------------------------- lifecycle
+
+    async def run(self) -> int:
+        """Start, serve until SIGTERM/SIGINT (or :meth:`request_stop`), drain; returns 0."""
+        loop = asyncio.get_running_loop()
+        handled: list[signal.Signals] = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, self.request_stop, sig.name)
+                handled.append(sig)
+        try:
+            try:
+                await self.http.start()
+            except OSError as exc:
+                raise WorkerStartupError(
+                    f"cannot serve probes on {self.settings.http_host}:{self.settings.http_port}"
+                    f" (COMMANDNET_HTTP_PORT): {exc.strerror or exc}"
+                ) from None
+            starting = asyncio.create_task(self._start())
+            stop = asyncio.create_task(self.stopping.wait())
+            await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():  # asked to stop while still connecting
+                stop.cancel()
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await starting
+                await self._close_quietly()
+                log.info("stopped before start-up finished")
+                return 0
+            stop.cancel()
+            starting.result()  # re-raise a start-up failure
+            await self.stopping.wait()
+            await self.drain()
+            return 0
+        finally:
+            for sig in handled:
+                loop.remove_signal_handler(sig)
+            await self.http.close()
+
+    def request_stop(self, why: str = "request") -> None:
+        """Begin the graceful drain (signal handlers call this)."""
+        if self.stopping.is_set():
+            log.warning("%s received while draining; still draining", why)
+            return
+        log.info("%s received: draining", why, extra={"signal": why})
+        self.stopping.set()
+
+    async def _start(self) -> None:
+        s = self.settings
+        try:
+            await self._within("store", s.store_url, self.store.setup())
+            await self._within("bus", s.bus_url, self.bus.connect())
+            await self.engine.start_worker()
+        except BaseException:
+            await self._close_quietly()
+            raise
+        self.consuming = True
+        log.info("worker %s consuming pool %r with graphs %s", s.worker_id, s.pool,
+                 ", ".join(s.graph), extra={"settings": s.summary()})
+
+    async def _within(self, kind: str, url: str, step: Awaitable[None]) -> None:
+        timeout = self.settings.connect_timeout
+        try:
+            await asyncio.wait_for(step, timeout)
+        except TimeoutError:
+            raise WorkerStartupError(
+                f"cannot reach the {kind} at {mask_url(url)} within {timeout:g}s "
+                f"(COMMANDNET_CONNECT_TIMEOUT)"
+            ) from None
+        except CommandNetError:
+            raise
+        except Exception as exc:
+            raise WorkerStartupError(
+                f"cannot reach the {kind} at {mask_url(url)}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    async def drain(self) -> None:
+        """Stop fetching, give in-flight steps ``drain_grace`` s, hand back the rest, close."""
+        self.draining = True
+        busy = self.engine.in_flight
+        log.info("draining: %d step(s) in flight, %.0fs grace", busy, self.settings.drain_grace,
+                 extra={"in_flight": busy})
+        await self.engine.stop(grace=self.settings.drain_grace)
+        self.consuming = False
+        log.info("drained; worker %s stopped", self.settings.worker_id)
+
+    async def _close_quietly(self) -> None:
+        for closer in (self.bus.close, self.store.close):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(closer(), 5.0)
+
+
+async def run_worker(settings: WorkerSettings) -> int:
+    """Run a worker until it is signalled; returns the process exit code."""
+    return await Worker(settings).run()
+
+
+def _status_observers(bus: EventBus) -> list[Observer]:
+    """The NATS KV status mirror when the bus is JetStream (the operator watches it)."""
+    nats_adapter = sys.modules.get("commandnet.adapters.nats")  # loaded iff a bus uses it
+    if nats_adapter is None or not isinstance(bus, nats_adapter.JetStreamBus):
+        return []
+    observer: Observer = nats_adapter.JetStreamStatusObserver(bus)
+    return [observer]
+
+
+def _bus_connected(bus: EventBus) -> bool | None:
+    """Whether the bus says it is connected; None when it cannot tell."""
+    flag = getattr(bus, "is_connected", None)
+    if callable(flag):
+        flag = flag()
+    return flag if isinstance(flag, bool) else None
