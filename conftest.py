@@ -17,7 +17,7 @@ def _restore_logger_levels() -> Iterator[None]:
                                       list(logging.root.manager.loggerDict))]
     levels = {logger: logger.level for logger in loggers}
     yield
-    for name, logger in list(logging.root.manager.loggerDict.items()):
+    for logger in list(logging.root.manager.loggerDict.values()):
         if isinstance(logger, logging.Logger) and logger not in levels:
             logger.setLevel(logging.NOTSET)  # created during the test
     for logger, level in levels.items():
