@@ -159,16 +159,17 @@ class Engine:
         if self._consuming:
             self._consuming = False
             await self.bus.unsubscribe()
-            for loop_task in self._loops:
-                loop_task.cancel()
-            await asyncio.gather(*self._loops, return_exceptions=True)
-            self._loops.clear()
+            # Leases stay alive while in-flight steps finish; only then stop the heartbeat.
             if self._tasks:
                 _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
                 for task in pending:
                     task.cancel()
                 if pending:
                     await asyncio.wait(pending, timeout=5.0)
+            for loop_task in self._loops:
+                loop_task.cancel()
+            await asyncio.gather(*self._loops, return_exceptions=True)
+            self._loops.clear()
         if self._started:
             self._started = False
             await self.bus.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -41,8 +43,10 @@ class TriggerCommand(_Message):
 
     @property
     def dedup_id(self) -> str:
-        """Identifier for bus-side de-duplication."""
-        return f"{self.agent_id}:trigger"
+        """Identifier for de-duplication: a repeat of this request, not any trigger of the id
+        (a conflicting one must reach a worker, to be refused with a reason)."""
+        request = json.dumps([self.start_node, self.context], sort_keys=True).encode()
+        return f"{self.agent_id}:trigger:{hashlib.sha256(request).hexdigest()[:16]}"
 
 
 class CancelCommand(_Message):

@@ -309,3 +309,23 @@ async def test_lost_publish_is_repaired_by_the_sweeper() -> None:
     rec = await engine.wait_for("lost", timeout=10)
     assert rec.status is AgentStatus.SUCCEEDED
     await engine.stop()
+
+
+async def test_draining_keeps_the_leases_of_finishing_steps_alive() -> None:
+    global GATE
+    GATE = asyncio.Event()
+    store = InMemoryPersistence()
+    engine = Engine(store, InMemoryEventBus(), graphs=[Blocked], lease_seconds=0.3)
+    await engine.start_worker()
+    await engine.trigger_agent("drain", Blocked, Ctx())
+    while engine.in_flight == 0:
+        await asyncio.sleep(0.01)
+    stopping = asyncio.create_task(engine.stop(grace=10))
+    await asyncio.sleep(1.0)  # more than three lease lengths into the drain
+    held = store.agents["drain"]
+    assert held.lease_owner == engine.owner
+    assert held.lease_until is not None and held.lease_until > store.clock()
+    GATE.set()
+    await stopping
+    rec = store.agents["drain"]
+    assert (rec.node, rec.step) == ("Done", 1)  # committed by the draining worker, once

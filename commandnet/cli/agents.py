@@ -248,7 +248,10 @@ def _open_store(conn: ConnectionSettings) -> Persistence:
             raise CommandNetError(f"no SQLite store at {str(path)!r} "
                                   f"(from {conn.store_url!r}); is --store right?")
         return probe
-    return store_from_url(conn.store_dsn())
+    store = store_from_url(conn.store_dsn())
+    if hasattr(store, "apply_migrations"):  # PostgreSQL: a read must never migrate the schema
+        store.apply_migrations = False
+    return store
 
 
 async def _wait_final(conn: ConnectionSettings, agent_id: str, limit: float | None,

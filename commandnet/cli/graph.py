@@ -6,9 +6,8 @@ import json
 
 import click
 
-from ..errors import GraphError
 from ..graph import GraphAnalyzer
-from .loading import load_node
+from .loading import GraphLoadError, load_graph
 
 
 @click.command()
@@ -17,9 +16,8 @@ from .loading import load_node
               show_default=True)
 def graph(target: str, fmt: str) -> None:
     """Print the graph reachable from TARGET (pkg.module:StartNode)."""
-    node = load_node(target)
     try:
-        result = GraphAnalyzer.validate(node)
-    except GraphError as exc:
+        result = GraphAnalyzer.validate(load_graph(target))
+    except GraphLoadError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(result.to_dict(), indent=2) if fmt == "json" else result.to_mermaid())

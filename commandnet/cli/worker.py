@@ -12,8 +12,9 @@ from pydantic import ValidationError
 
 from ..errors import CommandNetError
 from ..worker.logs import redact, setup_logging
-from ..worker.process import GraphLoadError, Worker
+from ..worker.process import Worker
 from ..worker.settings import WorkerSettings, load_settings
+from .loading import GraphLoadError
 
 # settings field -> its flag, for error messages
 _FLAGS = {

@@ -1,7 +1,8 @@
 """The worker process: settings, metrics, probes and the graceful lifecycle of one worker."""
 
+from ..cli.loading import GraphLoadError, load_graph
 from .metrics import InstrumentedBus, InstrumentedStore, PrometheusObserver
-from .process import GraphLoadError, Worker, WorkerStartupError, load_graph, run_worker
+from .process import Worker, WorkerStartupError, run_worker
 from .settings import ConnectionSettings, SettingsError, WorkerSettings, load_settings, mask_url
 
 __all__ = [

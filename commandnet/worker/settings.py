@@ -87,7 +87,10 @@ class WorkerSettings(ConnectionSettings):
     stall_after: float = Field(default=300.0, gt=0,
                                description="age of an unleased running agent before its step "
                                            "is re-published")
-    migrate: bool = Field(default=True, description="create/upgrade the store schema at start")
+    migrate: bool = Field(default=True,
+                          description="apply PostgreSQL schema migrations at start (false: "
+                                      "only check the schema is current; run `commandnet "
+                                      "migrate` instead). SQLite always creates its schema")
 
     @field_validator("graph", mode="before")
     @classmethod
