@@ -35,9 +35,10 @@ def build_chain(length: int, prefix: str = "Step") -> list[type[Node[Trail]]]:
             return _next
 
         run.__annotations__ = {"ctx": Trail, "return": type[successor] if successor else None}
-        body = {"run": run, "__module__": __name__}
-        node = types.new_class(f"{prefix}{index}", (Node[Trail],), {},
-                               lambda ns, body=body: ns.update(body))
+        def fill(namespace: dict[str, Any], run: Any = run) -> None:
+            namespace.update(run=run, __module__=__name__)
+
+        node = types.new_class(f"{prefix}{index}", (Node[Trail],), {}, fill)
         chain.insert(0, node)
     return chain
 
