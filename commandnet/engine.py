@@ -385,7 +385,12 @@ class Engine:
                         None if target is None else target.node_name, context, attempt,
                         time.monotonic() - started)
         self._fault("before_commit", event)
-        if not await self.persistence.save_state(commit):
+        try:
+            saved = await self.persistence.save_state(commit)
+        except ContextValidationError as exc:  # the store cannot hold it (NaN in jsonb, say)
+            await self._fail(rec, attempt, exc, delivery)
+            return
+        if not saved:
             log.info("agent %r step %d: result discarded (lease lost or agent cancelled)",
                      rec.agent_id, rec.step)
             await delivery.ack()
