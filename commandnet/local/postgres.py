@@ -14,23 +14,19 @@ PostgreSQL refuses to run as root, so under root the cluster runs as the ``postg
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import ctypes
 import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from types import TracebackType
 
 from ..errors import CommandNetError
+from .process import LocalServer, die_with_parent, free_port
 
 PACKAGE = "postgresql"
 SUPERUSER = "commandnet"
@@ -76,13 +72,6 @@ def find_pg_bin() -> Path:
     )
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 def _run_as() -> pwd.struct_passwd | None:
     """The unprivileged user to run the cluster as when we are root (None: ourselves)."""
     if os.geteuid() != 0:
@@ -94,23 +83,7 @@ def _run_as() -> pwd.struct_passwd | None:
                               "exists: PostgreSQL refuses to run as root")
 
 
-_live: set[PostgresServer] = set()
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    # PR_SET_PDEATHSIG = 1: an immediate shutdown if the process that started us is killed -9.
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None).prctl(1, signal.SIGQUIT)
-
-
-@atexit.register
-def _stop_leftovers() -> None:
-    for server in list(_live):
-        with contextlib.suppress(Exception):
-            server.stop()
-
-
-class PostgresServer:
+class PostgresServer(LocalServer):
     """One PostgreSQL cluster in ``base_dir`` (data in ``data/``, socket and log beside it).
 
     ``base_dir`` None: a temporary folder removed by :meth:`stop` (``keep=True`` keeps it). The
@@ -157,11 +130,6 @@ class PostgresServer:
     def url(self) -> str:
         """The DSN of the ``postgres`` maintenance database."""
         return self.dsn()
-
-    @property
-    def running(self) -> bool:
-        """Whether the server process is alive."""
-        return self.process is not None and self.process.poll() is None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -225,15 +193,12 @@ class PostgresServer:
         for key, value in settings.items():
             args += ["-c", f"{key}={value}"]
         with open(self.log_file, "ab") as log:  # the child keeps its own descriptor
-            self.process = subprocess.Popen(
+            # SIGQUIT on our death: an immediate shutdown, as a crash would be.
+            self._launched(subprocess.Popen(
                 args, stdout=log, stderr=subprocess.STDOUT, cwd=self.base_dir,
-                start_new_session=True,
-                # Only from the main thread: PDEATHSIG fires when the *thread* that forked exits.
-                preexec_fn=_die_with_parent if threading.current_thread() is
-                threading.main_thread() and sys.platform == "linux" else None,
+                start_new_session=True, preexec_fn=die_with_parent(signal.SIGQUIT),
                 **self._subprocess_kwargs(),  # type: ignore[call-overload]
-            )
-        _live.add(self)
+            ))
         try:
             self._wait_ready()
         except BaseException:
@@ -261,29 +226,11 @@ class PostgresServer:
                     f"{self.log_tail()}")
             time.sleep(0.05)
 
-    def log_tail(self, lines: int = 20) -> str:
-        """The last lines of the server log, for error messages."""
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def _signal(self, signum: int, timeout: float) -> None:
-        proc = self.process
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signum)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout)
-        self.process = None
-        _live.discard(self)
 
     def stop(self, *, keep: bool = False, timeout: float = 30.0) -> None:
         """Fast shutdown (SIGINT: disconnect clients, checkpoint); remove a temporary folder
         unless ``keep``."""
-        self._signal(signal.SIGINT, timeout)
+        self._terminate(signal.SIGINT, timeout)
         if self._owns_dir and not keep:
             shutil.rmtree(self.base_dir, ignore_errors=True)
 
@@ -293,15 +240,8 @@ class PostgresServer:
         The postmaster itself is not SIGKILLed: its backends would outlive it and keep the
         port and shared memory busy. SIGQUIT makes every process exit at once, as a crash does.
         """
-        self._signal(signal.SIGQUIT, 30.0)
+        self._terminate(signal.SIGQUIT, 30.0)
 
-    def restart(self, *, crash: bool = False) -> None:
-        """Stop (``crash``: immediate shutdown) and start again on the same port and data."""
-        if crash:
-            self.kill()
-        else:
-            self.stop(keep=True)
-        self.start()
 
     def create_database(self, name: str) -> str:
         """Create database ``name`` (its name must be a plain identifier); its DSN."""
@@ -325,12 +265,6 @@ class PostgresServer:
             raise PostgresServerError(f"psql {sql!r} failed: {result.stderr.strip()}")
         return result.stdout
 
-    def __enter__(self) -> PostgresServer:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"PostgresServer({self.url}, dir={self.base_dir}, running={self.running})"
@@ -347,22 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fast", action="store_true", help="fsync off (tests only)")
     args = parser.parse_args(argv)
     server = PostgresServer(args.dir, port=args.port, durable=not args.fast)
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
-    server.start()
-    print(f"postgres {server.url} (socket {server.dsn(unix_socket=True)}, folder "
-          f"{server.base_dir}); Ctrl-C stops it", flush=True)
-    try:
-        assert server.process is not None
-        server.process.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-    return 0
+    return server.serve_until_interrupted(lambda: (
+        f"postgres {server.url} (socket {server.dsn(unix_socket=True)}, folder "
+        f"{server.base_dir}); Ctrl-C stops it"))
 
 
 if __name__ == "__main__":
