@@ -96,7 +96,7 @@ def test_migrate_command_is_idempotent(postgres_dsn: str) -> None:
 
 
 def test_migrate_command_reports_an_unreachable_server(postgres_server: PostgresServer) -> None:
-    from commandnet.local.postgres import free_port
+    from commandnet.local.process import free_port
 
     url = f"postgresql://commandnet@127.0.0.1:{free_port()}/nothing"
     result = CliRunner().invoke(migrate, ["--store", url, "--connect-timeout", "5"])

@@ -17,7 +17,8 @@ from ..adapters.nats import JetStreamBus
 from ..adapters.sqlite import SQLitePersistence
 from ..engine import Engine
 from ..examples.orders import Intake
-from ..local.nats import NatsServer, free_port
+from ..local.nats import NatsServer
+from ..local.process import free_port
 
 
 async def run_cluster(
