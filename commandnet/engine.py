@@ -172,6 +172,8 @@ class Engine:
             self._loops.clear()
         if self._started:
             self._started = False
+            for obs in self.observers:
+                await _safely(obs.close())
             await self.bus.close()
             await self.persistence.close()
 

@@ -55,3 +55,7 @@ class Observer:
 
     async def on_status(self, info: StatusInfo) -> None:
         """The agent's status changed; status mirrors (the NATS KV bucket) hook in here."""
+
+    async def close(self) -> None:
+        """Flush what you buffer: ``Engine.stop`` calls it after draining, before the bus
+        closes."""

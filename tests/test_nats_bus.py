@@ -509,12 +509,16 @@ async def test_status_written_read_back_and_watch_replays(
     await observer.on_status(StatusInfo("agent.1", AgentStatus.RUNNING, "Start", 0, None))
     await observer.on_status(StatusInfo("agent.1", AgentStatus.RUNNING, "Middle", 1, None))
     await observer.on_status(StatusInfo("agent/2", AgentStatus.FAILED, "Start", 0, "boom"))
+    await observer.flush()  # statuses are buffered; close() or the background writer flush
 
     # A late notification of an older step (another worker, slower) must not win.
     other = JetStreamStatusObserver(bus)
     await other.on_status(StatusInfo("agent.1", AgentStatus.RUNNING, "Start", 0, None))
+    await other.flush()
     await observer.on_status(StatusInfo("agent.1", AgentStatus.SUCCEEDED, "End", 2, None))
+    await observer.flush()
     await other.on_status(StatusInfo("agent.1", AgentStatus.RUNNING, "Middle", 1, None))
+    await other.close()
 
     status = await read_status(nats_url, "default", "agent.1", bucket=bus.status_bucket)
     assert status is not None
@@ -534,6 +538,7 @@ async def test_status_written_read_back_and_watch_replays(
             "agent.1": 2, "agent/2": 0}
         assert all(u.replay for u in replayed)
         await observer.on_status(StatusInfo("agent-3", AgentStatus.RUNNING, "Start", 0, None))
+        await observer.close()
         live = await asyncio.wait_for(anext(updates), WAIT)
         assert (live.agent_id, live.replay, live.pool) == ("agent-3", False, "default")
         await updates.aclose()
@@ -546,6 +551,7 @@ async def test_status_watch_replays_again_after_a_server_restart(
     await bus.connect()
     observer = JetStreamStatusObserver(bus)
     await observer.on_status(StatusInfo("w", AgentStatus.RUNNING, "Start", 0, None))
+    await observer.flush()
     async with StatusReader(restartable_nats.url, bucket=bus.status_bucket) as reader:
         updates = reader.watch()
         first = await asyncio.wait_for(anext(updates), WAIT)
@@ -555,6 +561,7 @@ async def test_status_watch_replays_again_after_a_server_restart(
 
         async def written() -> bool:  # the observer swallows errors while reconnecting
             await observer.on_status(StatusInfo("w", AgentStatus.SUCCEEDED, "End", 3, None))
+            await observer.flush()
             got = await reader.get_status("w")
             return got is not None and got["step"] == 3
 
@@ -565,6 +572,25 @@ async def test_status_watch_replays_again_after_a_server_restart(
             steps.append(seen.status["step"] if seen.status else None)
             assert len(steps) < 10, steps
         await updates.aclose()
+
+
+async def test_status_writes_are_buffered_and_coalesced(make_bus: MakeBus,
+                                                        nats_url: str) -> None:
+    bus = make_bus()
+    await bus.connect()
+    observer = JetStreamStatusObserver(bus, flush_interval=0.1)
+    for step in range(10):  # one agent racing through its graph: only the latest is written
+        await observer.on_status(StatusInfo("fast", AgentStatus.RUNNING, f"S{step}", step, None))
+    await observer.on_status(StatusInfo("fast", AgentStatus.RUNNING, "S3", 3, None))  # stale
+    assert len(observer._pending) == 1
+
+    async def written() -> bool:  # by the background writer, without flush() or close()
+        got = await read_status(nats_url, "default", "fast", bucket=bus.status_bucket)
+        return got is not None and got["step"] == 9
+
+    await eventually(written, "the buffered status in the bucket")
+    assert observer._pending == {}
+    await observer.close()
 
 
 async def test_status_reader_names_a_missing_bucket(nats_url: str) -> None:

@@ -17,6 +17,7 @@ two workers' racing notifications cannot leave a finished agent shown as running
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -103,20 +104,33 @@ async def ensure_bucket(js: JetStreamContext, bucket: str, replicas: int = 1) ->
                                   f"{exc.description}") from None
 
 
-class JetStreamStatusObserver(Observer):
-    """Writes every status change of the bus's pool to the bus's status bucket.
+def _order(value: dict[str, Any]) -> tuple[int, bool]:
+    """Later steps win; at one step a final status wins over running."""
+    return int(value["step"]), value["status"] != "running"
 
-    Failures are logged, never raised (the transition is committed already; the next status
-    change, or the store, is the truth). One write (compare-and-set) per change when this worker
-    wrote the key last; a read and a write when another worker did.
+
+class JetStreamStatusObserver(Observer):
+    """Mirrors each agent's latest status of the bus's pool into the bus's status bucket.
+
+    Statuses are buffered and written in the background every ``flush_interval`` seconds, many
+    writes in flight at once: a step never waits for the bucket, and an agent that moved several
+    times within one interval costs one write (its latest status). ``close()`` (called by
+    ``Engine.stop``) writes what is left. Failures are logged, never raised: the transition is
+    committed already, and the store is the truth. Each write is a compare-and-set that never
+    moves a key back to an earlier step.
     """
 
-    def __init__(self, bus: JetStreamBus, cache_size: int = 10_000) -> None:
+    def __init__(self, bus: JetStreamBus, cache_size: int = 10_000, flush_interval: float = 0.25,
+                 max_concurrency: int = 64) -> None:
         self.bus = bus
+        self.flush_interval = flush_interval
         self._kv: KeyValue | None = None
         self._js: JetStreamContext | None = None
         self._revisions: OrderedDict[str, int] = OrderedDict()
         self._cache_size = cache_size
+        self._pending: dict[str, dict[str, Any]] = {}
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self._flusher: asyncio.Task[None] | None = None
 
     async def _bucket(self) -> KeyValue:
         js = self.bus._jsc()
@@ -139,12 +153,41 @@ class JetStreamStatusObserver(Observer):
             "phase": _phase(info.status.value), "node": info.node, "step": info.step,
             "error": info.error, "updated_at": datetime.now(UTC).isoformat(),
         }
-        try:
-            await self.write(status_key(self.bus.pool, info.agent_id), value)
-        except Exception as exc:
-            log.warning("status of agent %r (step %d) not written to bucket %r: %s: %s",
-                        info.agent_id, info.step, self.bus.status_bucket,
-                        type(exc).__name__, exc)
+        key = status_key(self.bus.pool, info.agent_id)
+        old = self._pending.get(key)
+        if old is None or _order(value) >= _order(old):
+            self._pending[key] = value
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_loop(), name="commandnet-status")
+
+    async def _flush_loop(self) -> None:
+        while self._pending:
+            await asyncio.sleep(self.flush_interval)
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Write every buffered status now (concurrently)."""
+        batch, self._pending = self._pending, {}
+        await asyncio.gather(*(self._write_logged(key, value) for key, value in batch.items()))
+
+    @override
+    async def close(self) -> None:
+        """Write what is buffered and stop the background writer."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+        await self.flush()
+
+    async def _write_logged(self, key: str, value: dict[str, Any]) -> None:
+        async with self._slots:
+            try:
+                await self.write(key, value)
+            except Exception as exc:
+                log.warning("status of agent %r (step %d) not written to bucket %r: %s: %s",
+                            value["agent_id"], value["step"], self.bus.status_bucket,
+                            type(exc).__name__, exc)
 
     async def write(self, key: str, value: dict[str, Any]) -> bool:
         """Store ``value`` unless the key holds a later status; True when written."""
