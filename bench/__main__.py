@@ -48,7 +48,8 @@ def main() -> None:
 
 def _table(title: str, cases: dict[str, dict[str, object]]) -> None:
     table = Table(title=title)
-    for column in ("case", "arrivals", "transitions/s", "p50 step ms", "p99 step ms", "seconds"):
+    table.add_column("case", no_wrap=True)
+    for column in ("arrivals", "transitions/s", "p50 step ms", "p99 step ms", "seconds"):
         table.add_column(column, justify="right")
     for name, row in cases.items():
         if not isinstance(row, dict) or "transitions_per_s" not in row:
