@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -154,32 +152,16 @@ class Fleet:
         return "\n".join(f"--- {p.log_path.name}\n{p.log[-limit:]}" for p in self.live)
 
 
-@pytest.fixture
-def fresh_db(postgres_server: PostgresServer) -> Iterator[str]:
-    """A database of the test's own on the session server (which the test may crash)."""
-    if not postgres_server.running:
-        postgres_server.start()
-    name = f"faults{os.getpid()}_{time.monotonic_ns() % 10**9}"
-    dsn = postgres_server.create_database(name)
-    try:
-        yield dsn
-    finally:
-        if not postgres_server.running:
-            postgres_server.start()
-        with contextlib.suppress(Exception):
-            postgres_server.drop_database(name)
-
-
 # ------------------------------------------------------------------------------ tests
 
 
 def test_thousand_agents_survive_sigkills_and_server_restarts(
-    tmp_path: Path, fresh_db: str, postgres_server: PostgresServer,
+    tmp_path: Path, postgres_dsn: str, postgres_server: PostgresServer,
     restartable_nats: NatsServer,
 ) -> None:
     """3 workers, one SIGKILLed every ~0.5 s, NATS and PostgreSQL each crashed once."""
     pool = "chaos"
-    dsn, nats = fresh_db, restartable_nats
+    dsn, nats = postgres_dsn, restartable_nats
     setup_schema(dsn)
     env = clean_env(COMMANDNET_EXAMPLE_DELAY="0.005")
     fleet = Fleet(tmp_path, [
@@ -268,11 +250,11 @@ def test_thousand_agents_survive_sigkills_and_server_restarts(
 
 
 def test_a_dead_workers_lease_is_taken_over_after_it_expires(
-    tmp_path: Path, fresh_db: str, restartable_nats: NatsServer,
+    tmp_path: Path, postgres_dsn: str, restartable_nats: NatsServer,
 ) -> None:
     """Worker A dies inside a node; B takes the agent over once A's lease expires."""
     pool = "takeover"
-    dsn, nats = fresh_db, restartable_nats
+    dsn, nats = postgres_dsn, restartable_nats
     setup_schema(dsn)
     started, release = tmp_path / "started", tmp_path / "release"
     args = ["--graph", "tests.graphs.gate:Hold", "--pool", pool, "--store", dsn,
@@ -316,11 +298,11 @@ def test_a_dead_workers_lease_is_taken_over_after_it_expires(
 
 
 def test_a_node_that_always_raises_ends_failed_with_its_error(
-    tmp_path: Path, fresh_db: str, restartable_nats: NatsServer,
+    tmp_path: Path, postgres_dsn: str, restartable_nats: NatsServer,
 ) -> None:
     """AlwaysFails has 2 attempts: then the agent is failed, the error kept, no transition."""
     pool = "failing"
-    dsn, nats = fresh_db, restartable_nats
+    dsn, nats = postgres_dsn, restartable_nats
     setup_schema(dsn)
     worker = WorkerProc(["--graph", "tests.graphs.failing:AlwaysFails", "--pool", pool,
                          "--store", dsn, "--bus", nats.url, "--log-level", "WARNING",
