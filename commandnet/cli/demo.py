@@ -8,6 +8,7 @@ Embedded defaults, nothing to install: a SQLite file in a temporary folder, and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import sqlite3
@@ -91,34 +92,46 @@ async def _trigger_all(engine: Engine, agents: int) -> None:
 
 
 class _progress(AbstractAsyncContextManager[None]):
-    """Polls the SQLite file (whoever writes it) and draws a bar until every agent is final."""
+    """Draws a bar from the SQLite file (whoever writes it) from entry until every agent is final.
+
+    The body triggers the agents; on exit the bar keeps polling until all have finished.
+    """
 
     def __init__(self, console: Console, db: Path, total: int) -> None:
         self.console, self.db, self.total = console, db, total
+        self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> None:
-        return None
+        self._task = asyncio.create_task(self._draw())
 
     async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
         if exc[0] is not None:
-            return
+            self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _draw(self) -> None:
         columns = (TextColumn("[progress.description]{task.description}"), BarColumn(),
                    MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=self.console, transient=False) as bar:
             task = bar.add_task("agents finished", total=self.total)
             while True:
-                finished, running, transitions = _counts(self.db)
+                finished, running, transitions = await asyncio.to_thread(_counts, self.db)
                 bar.update(task, completed=finished,
                            description=f"running {running:4d} | transitions {transitions:6d}")
                 if finished >= self.total:
                     break
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.1)
 
 
 def _counts(db: Path) -> tuple[int, int, int]:
-    with sqlite3.connect(db, timeout=5) as conn:
-        by_status = dict(conn.execute("SELECT status, count(*) FROM agents GROUP BY status"))
-        transitions = conn.execute("SELECT count(*) FROM history").fetchone()[0]
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            by_status = dict(conn.execute("SELECT status, count(*) FROM agents GROUP BY status"))
+            transitions = conn.execute("SELECT count(*) FROM history").fetchone()[0]
+    except sqlite3.OperationalError:  # no file or schema yet
+        return 0, 0, 0
     running = by_status.pop("running", 0)
     return sum(by_status.values()), running, transitions
 
