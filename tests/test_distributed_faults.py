@@ -29,7 +29,7 @@ LINEAR = "commandnet.examples.linear:Start"
 AGENTS = 1000
 STEPS = 10
 LEASE = 2.0
-ACK_WAIT = 30.0  # JetStreamBus's default; the worker has no setting for it
+ACK_WAIT = 3.0  # short, so acks lost with killed workers come back quickly
 VISITED = [f"Step{i}" for i in range(STEPS)]
 
 
@@ -166,7 +166,8 @@ def test_thousand_agents_survive_sigkills_and_server_restarts(
     env = clean_env(COMMANDNET_EXAMPLE_DELAY="0.005")
     fleet = Fleet(tmp_path, [
         "--graph", LINEAR, "--pool", pool, "--store", dsn, "--bus", nats.url,
-        "--lease-seconds", str(LEASE), "--sweep-interval", "0.5", "--outbox-grace", "1",
+        "--lease-seconds", str(LEASE), "--ack-wait", str(ACK_WAIT), "--sweep-interval", "0.5",
+        "--outbox-grace", "1",
         "--stall-after", "4", "--drain-grace", "1", "--log-level", "WARNING",
         "--no-migrate"], env)
     kills = nats_restarted = pg_restarted = 0

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
 
 from commandnet import AgentRecord, AgentStatus, Engine
 from commandnet.adapters.memory import InMemoryEventBus, InMemoryPersistence
@@ -589,3 +590,13 @@ def test_unreachable_postgres_is_a_clear_startup_error() -> None:
                       "--bus", "memory://", "--connect-timeout", "5", "--http-port", "0"])
     assert result.returncode == 1
     assert f"cannot reach the store at {url}" in result.stderr, result.stderr
+
+
+def test_ack_wait_must_outlast_the_lease_heartbeat() -> None:
+    with pytest.raises(ValidationError, match=r"ack_wait \(5s\) must exceed lease_seconds / 3"):
+        WorkerSettings(graph=["x:Y"], lease_seconds=30, ack_wait=5)
+    assert WorkerSettings(graph=["x:Y"], lease_seconds=3, ack_wait=2).ack_wait == 2
+    result = CliRunner().invoke(worker_command, ["--graph", "commandnet.examples.linear:Start",
+                                                 "--ack-wait", "5", "--lease-seconds", "30"])
+    assert result.exit_code == 2
+    assert "ack_wait (5s) must exceed lease_seconds / 3 (10s)" in result.output

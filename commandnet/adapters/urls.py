@@ -7,6 +7,7 @@ Buses: ``memory://``, ``nats://host:4222`` (pool from the ``pool`` argument).
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlparse
 
 from ..bus import EventBus
@@ -35,8 +36,8 @@ def store_from_url(url: str) -> Persistence:
     raise CommandNetError(f"unsupported store URL {url!r} (memory://, sqlite:///, postgresql://)")
 
 
-def bus_from_url(url: str, pool: str = "default") -> EventBus:
-    """An EventBus for ``url`` serving worker pool ``pool``."""
+def bus_from_url(url: str, pool: str = "default", **options: Any) -> EventBus:
+    """An EventBus for ``url`` serving worker pool ``pool``; ``options`` go to JetStreamBus."""
     scheme = urlparse(url).scheme
     if scheme == "memory":
         from .memory import InMemoryEventBus
@@ -45,5 +46,5 @@ def bus_from_url(url: str, pool: str = "default") -> EventBus:
     if scheme in ("nats", "tls"):
         from .nats import JetStreamBus
 
-        return JetStreamBus(url, pool=pool)
+        return JetStreamBus(url, pool=pool, **options)
     raise CommandNetError(f"unsupported bus URL {url!r} (memory://, nats://)")

@@ -24,7 +24,7 @@ _FLAGS = {
     "connect_timeout": "--connect-timeout", "http_host": "--http-host",
     "http_port": "--http-port", "log_level": "--log-level", "log_format": "--log-format",
     "sweep_interval": "--sweep-interval", "outbox_grace": "--outbox-grace",
-    "stall_after": "--stall-after", "migrate": "--migrate/--no-migrate",
+    "stall_after": "--stall-after", "ack_wait": "--ack-wait", "migrate": "--migrate/--no-migrate",
 }
 
 
@@ -63,6 +63,8 @@ _FLAGS = {
               help="Seconds between repair sweeps [COMMANDNET_SWEEP_INTERVAL; 2]")
 @click.option("--outbox-grace", type=float,
               help="Re-publish outbox rows older than this [COMMANDNET_OUTBOX_GRACE; 5]")
+@click.option("--ack-wait", type=float,
+              help="JetStream redelivery wait for unacknowledged steps [COMMANDNET_ACK_WAIT; 30]")
 @click.option("--stall-after", type=float,
               help="Re-publish the step of agents idle this long [COMMANDNET_STALL_AFTER; 300]")
 @click.option("--migrate/--no-migrate", default=None,
@@ -96,7 +98,10 @@ def _settings(flags: dict[str, Any]) -> WorkerSettings:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            field = str(err["loc"][0]) if err["loc"] else "?"
+            if not err["loc"]:  # a rule across fields; its message names them
+                lines.append(err["msg"].removeprefix("Value error, "))
+                continue
+            field = str(err["loc"][0])
             where = f"{_FLAGS.get(field, field)} / COMMANDNET_{field.upper()}"
             shown = "" if "password" in field else f" (got {err.get('input')!r})"
             lines.append(f"{where}: {err['msg']}{shown}")

@@ -16,7 +16,7 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ..adapters.urls import bus_from_url, store_from_url
 from ..bus import EventBus
@@ -54,7 +54,8 @@ class Worker:
         if hasattr(self.store, "apply_migrations"):  # PostgreSQL; SQLite always creates its own
             self.store.apply_migrations = settings.migrate
         self.bus = bus or self._build("bus", settings.bus_url,
-                                      lambda: bus_from_url(settings.bus_dsn(), settings.pool))
+                                      lambda: bus_from_url(settings.bus_dsn(), settings.pool,
+                                                           **_bus_options(settings)))
         self.engine = Engine(
             InstrumentedStore(self.store, self.metrics),
             InstrumentedBus(self.bus, self.metrics),
@@ -222,3 +223,8 @@ def _bus_connected(bus: EventBus) -> bool | None:
     if callable(flag):
         flag = flag()
     return flag if isinstance(flag, bool) else None
+
+
+def _bus_options(settings: WorkerSettings) -> dict[str, Any]:
+    """Bus options from the settings (only JetStream takes any)."""
+    return {"ack_wait": settings.ack_wait} if settings.bus_url.startswith(("nats", "tls")) else {}

@@ -12,7 +12,7 @@ import socket
 from typing import Annotated, Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ..errors import CommandNetError
@@ -84,6 +84,10 @@ class WorkerSettings(ConnectionSettings):
                                   description="seconds between outbox/stalled-agent sweeps")
     outbox_grace: float = Field(default=5.0, ge=0,
                                 description="age of an outbox row before it is re-published")
+    ack_wait: float = Field(default=30.0, gt=0,
+                            description="JetStream: seconds an unacknowledged delivery waits "
+                                        "before redelivery (a killed worker's steps); must "
+                                        "exceed the lease heartbeat, lease_seconds / 3")
     stall_after: float = Field(default=300.0, gt=0,
                                description="age of an unleased running agent before its step "
                                            "is re-published")
@@ -110,6 +114,15 @@ class WorkerSettings(ConnectionSettings):
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _ack_wait_outlasts_heartbeat(self) -> WorkerSettings:
+        # In-progress acks come every lease_seconds / 3; a shorter ack wait would redeliver
+        # steps that are still running.
+        if self.ack_wait <= self.lease_seconds / 3:
+            raise ValueError(f"ack_wait ({self.ack_wait:g}s) must exceed lease_seconds / 3 "
+                             f"({self.lease_seconds / 3:g}s), the lease heartbeat")
+        return self
 
     def summary(self) -> dict[str, Any]:
         """The settings as they may be logged: URLs masked, secrets left out."""
