@@ -16,7 +16,7 @@ from .errors import (
 from .graph import Graph, GraphAnalyzer
 from .messages import CancelCommand, StepEvent, TriggerCommand
 from .node import Node
-from .observer import ErrorInfo, Observer, StatusInfo, TransitionInfo
+from .observer import DeliveryInfo, ErrorInfo, Observer, StatusInfo, TransitionInfo
 from .persistence import Persistence
 from .policy import RetryPolicy
 from .records import AgentRecord, AgentStatus, HistoryRecord
@@ -31,6 +31,7 @@ __all__ = [
     "CommandNetError",
     "ContextValidationError",
     "Delivery",
+    "DeliveryInfo",
     "Engine",
     "ErrorInfo",
     "EventBus",

@@ -32,7 +32,7 @@ from .errors import (
 )
 from .graph import Graph, GraphAnalyzer, NodeClass
 from .messages import StepEvent, TriggerCommand, decode
-from .observer import ErrorInfo, Observer, StatusInfo, TransitionInfo
+from .observer import DeliveryInfo, ErrorInfo, Observer, StatusInfo, TransitionInfo
 from .persistence import Persistence
 from .records import (
     AgentRecord,
@@ -324,6 +324,7 @@ class Engine:
         except MalformedMessageError as exc:
             log.error("dead-lettering message: %s", exc)
             await delivery.dead_letter(str(exc))
+            await self._notify_delivery("malformed", delivery, "dead_letter")
             return
         try:
             if isinstance(message, StepEvent):
@@ -331,9 +332,11 @@ class Engine:
             elif isinstance(message, TriggerCommand):
                 await self._on_trigger(message)
                 await delivery.ack()
+                await self._notify_delivery(message.kind, delivery, "handled")
             else:
                 await self.cancel_agent(message.agent_id, message.reason)
                 await delivery.ack()
+                await self._notify_delivery(message.kind, delivery, "handled")
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await delivery.nack(0)
@@ -341,6 +344,7 @@ class Engine:
         except CommandNetError as exc:  # a bad request: it will not get better
             log.error("dead-lettering %s: %s", message.kind, exc)
             await delivery.dead_letter(str(exc))
+            await self._notify_delivery(message.kind, delivery, "dead_letter")
         except Exception:  # the store or the bus failed: try again later
             log.exception("handling %s failed; redelivering later", message.dedup_id)
             with contextlib.suppress(Exception):
@@ -365,6 +369,7 @@ class Engine:
         lease = await self.persistence.load_and_lock_agent(
             event.agent_id, event.step, self.owner, self.lease_seconds
         )
+        await self._notify_delivery(event.kind, delivery, lease.state.value)
         if lease.state is LeaseState.BUSY:
             await delivery.nack(min(max(lease.retry_after, 0.01), self.lease_seconds))
             return
@@ -515,6 +520,11 @@ class Engine:
         await self._notify_status(status)
         if info.to_node is None:
             await self._wake()
+
+    async def _notify_delivery(self, kind: str, delivery: Delivery, outcome: str) -> None:
+        info = DeliveryInfo(kind, delivery.deliveries, outcome)
+        for obs in self.observers:
+            await _safely(obs.on_delivery(info))
 
     async def _notify_status(self, info: StatusInfo) -> None:
         for obs in self.observers:

@@ -10,8 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from .errors import MalformedMessageError
 
-WIRE_VERSION = 1
-
 
 class _Message(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -44,6 +44,15 @@ class StatusInfo:
     error: str | None
 
 
+@dataclass(frozen=True)
+class DeliveryInfo:
+    """A bus message the engine received, and what became of it."""
+
+    kind: str  # "step", "trigger", "cancel", or "malformed"
+    deliveries: int  # 1 the first time; more on redeliveries
+    outcome: str  # a step's lease result (granted, stale, busy, missing), "handled", "dead_letter"
+
+
 class Observer:
     """Override what you need; every method is called after the change is committed."""
 
@@ -55,6 +64,9 @@ class Observer:
 
     async def on_status(self, info: StatusInfo) -> None:
         """The agent's status changed; status mirrors (the NATS KV bucket) hook in here."""
+
+    async def on_delivery(self, info: DeliveryInfo) -> None:
+        """A message was received and its fate decided (metrics of leases and redeliveries)."""
 
     async def close(self) -> None:
         """Flush what you buffer: ``Engine.stop`` calls it after draining, before the bus

@@ -26,11 +26,10 @@ from commandnet import AgentRecord, AgentStatus, Engine
 from commandnet.adapters.memory import InMemoryEventBus, InMemoryPersistence
 from commandnet.adapters.sqlite import SQLitePersistence
 from commandnet.cli.worker import worker as worker_command
-from commandnet.records import LeaseState
+from commandnet.messages import StepEvent
+from commandnet.records import LeaseState, NewAgent
 from commandnet.worker import (
     GraphLoadError,
-    InstrumentedBus,
-    InstrumentedStore,
     PrometheusObserver,
     Worker,
     WorkerSettings,
@@ -159,8 +158,7 @@ async def _true(value: object) -> bool:
 async def test_prometheus_observer_counts_transitions_failures_and_retries() -> None:
     metrics = PrometheusObserver()
     bus = InMemoryEventBus()
-    engine = Engine(InstrumentedStore(InMemoryPersistence(), metrics),
-                    InstrumentedBus(bus, metrics), graphs=[linear.Step0, failing.AlwaysFails],
+    engine = Engine(InMemoryPersistence(), bus, graphs=[linear.Step0, failing.AlwaysFails],
                     observers=[metrics])
     metrics.bind(engine)
     reg = metrics.registry
@@ -187,17 +185,23 @@ async def test_prometheus_observer_counts_transitions_failures_and_retries() -> 
 
 async def test_lease_conflicts_are_counted() -> None:
     metrics = PrometheusObserver()
-    engine = Engine(InMemoryPersistence(), InMemoryEventBus(), graphs=[linear.Step0])
-    store = InstrumentedStore(engine.persistence, metrics)
-    await engine.trigger_agent("a", linear.Step0, linear.Trail())
-    first = await store.load_and_lock_agent("a", 0, "w1", 30)
-    second = await store.load_and_lock_agent("a", 0, "w2", 30)
-    stale = await store.load_and_lock_agent("a", 5, "w2", 30)
-    assert [first.state, second.state, stale.state] == [
-        LeaseState.GRANTED, LeaseState.BUSY, LeaseState.STALE]
+    store, bus = InMemoryPersistence(), InMemoryEventBus()
+    engine = Engine(store, bus, graphs=[linear.Step0], observers=[metrics])
+    await engine.start_worker()
+    await store.create_agent(NewAgent("a", "Step0", {}))
+    first = await store.load_and_lock_agent("a", 0, "w1", 30)  # another worker holds it
+    await bus.publish(StepEvent(agent_id="a", step=0))
+    await bus.publish(StepEvent(agent_id="a", step=5))
+
+    async def both_counted() -> bool:
+        return sample(metrics.registry, "commandnet_leases_total", result="stale") == 1 and \
+            sample(metrics.registry, "commandnet_leases_total", result="busy") == 1
+
+    await wait_async(both_counted, 10, "the busy and the stale lease to be counted")
+    assert first.state is LeaseState.GRANTED
     assert sample(metrics.registry, "commandnet_lease_conflicts_total") == 1
     assert sample(metrics.registry, "commandnet_leases_total", result="stale") == 1
-    await engine.stop()
+    await engine.stop(grace=0)
 
 
 # ----------------------------------------------------------------------------- probes

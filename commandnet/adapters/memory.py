@@ -271,17 +271,7 @@ class InMemoryEventBus(EventBus):
         else:
             self._queue.put_nowait((data, deliveries))
 
-    def redeliver_unsettled(self) -> int:
-        """Redeliver every unsettled delivery now, as if their ack wait had passed."""
-        pending = list(self._inflight)
-        for delivery in pending:
-            delivery._expire()
-        return len(pending)
 
-    @property
-    def backlog(self) -> int:
-        """Messages waiting plus messages delivered and not yet settled."""
-        return self._queue.qsize() + len(self._inflight)
 
     @override
     async def subscribe(self, handler: Handler) -> None:

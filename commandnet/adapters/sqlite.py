@@ -301,9 +301,6 @@ class SQLitePersistence(Persistence):
             (now - older_than, now, limit)).fetchall()
         return [OutboxEntry(*row) for row in rows]
 
-    async def count_by_status(self) -> dict[str, int]:
-        """Agents per status (for progress displays)."""
-        return dict(self.db.execute("SELECT status, count(*) FROM agents GROUP BY status"))
 
 
 def _migrate(db: sqlite3.Connection) -> None:

@@ -1,33 +1,12 @@
-"""Prometheus metrics of a worker, fed by the engine's observer hooks and two thin wrappers.
-
-The :class:`PrometheusObserver` sees committed transitions, failed attempts and status changes.
-Redeliveries and lease conflicts happen below the observer interface, so
-:class:`InstrumentedBus` (wraps the bus's handler: counts ``Delivery.deliveries > 1`` and dead
-letters) and :class:`InstrumentedStore` (wraps ``load_and_lock_agent``: counts each lease
-outcome) report them without touching the engine.
-"""
+"""Prometheus metrics of a worker, fed by the engine's observer hooks."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ..bus import Delivery, EventBus, Handler
 from ..engine import Engine
-from ..messages import CancelCommand, StepEvent, TriggerCommand
-from ..observer import ErrorInfo, Observer, StatusInfo, TransitionInfo
-from ..persistence import Persistence
-from ..records import (
-    AgentRecord,
-    Commit,
-    Failure,
-    HistoryRecord,
-    Lease,
-    LeaseState,
-    NewAgent,
-    OutboxEntry,
-)
+from ..observer import DeliveryInfo, ErrorInfo, Observer, StatusInfo, TransitionInfo
+from ..records import LeaseState
 
 # Steps range from microseconds (trivial nodes) to many minutes (LLM calls, human waits).
 STEP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -96,116 +75,12 @@ class PrometheusObserver(Observer):
         if info.status.is_final:
             self.finished.labels(info.status.value).inc()
 
-    def count_delivery(self, delivery: Delivery) -> None:
-        """A message arrived (a redelivery when it was delivered before)."""
-        if delivery.deliveries > 1:
+    async def on_delivery(self, info: DeliveryInfo) -> None:
+        if info.deliveries > 1:
             self.redeliveries.inc()
-
-    def count_lease(self, state: LeaseState) -> None:
-        """A lease request ended in ``state``."""
-        self.leases.labels(state.value).inc()
-        if state is LeaseState.BUSY:
-            self.lease_conflicts.inc()
-
-
-class _CountedDelivery(Delivery):
-    """Passes settlement through to the real delivery, counting dead letters."""
-
-    def __init__(self, inner: Delivery, metrics: PrometheusObserver) -> None:
-        self.inner, self.metrics = inner, metrics
-        self.data, self.deliveries = inner.data, inner.deliveries
-
-    async def ack(self) -> None:
-        await self.inner.ack()
-
-    async def nack(self, delay: float) -> None:
-        await self.inner.nack(delay)
-
-    async def in_progress(self) -> None:
-        await self.inner.in_progress()
-
-    async def dead_letter(self, reason: str) -> None:
-        self.metrics.dead_letters.inc()
-        await self.inner.dead_letter(reason)
-
-
-class InstrumentedBus(EventBus):
-    """The given bus, with every delivery counted before the engine handles it."""
-
-    def __init__(self, inner: EventBus, metrics: PrometheusObserver) -> None:
-        self.inner, self.metrics = inner, metrics
-        self.durable = inner.durable  # the engine recovers differently on a non-durable bus
-
-    async def connect(self) -> None:
-        await self.inner.connect()
-
-    async def publish(self, message: StepEvent | TriggerCommand | CancelCommand) -> None:
-        await self.inner.publish(message)
-
-    async def subscribe(self, handler: Handler) -> None:
-        async def counted(delivery: Delivery) -> None:
-            self.metrics.count_delivery(delivery)
-            await handler(_CountedDelivery(delivery, self.metrics))
-
-        await self.inner.subscribe(counted)
-
-    async def unsubscribe(self) -> None:
-        await self.inner.unsubscribe()
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-
-class InstrumentedStore(Persistence):
-    """The given store, with the outcome of every lease request counted."""
-
-    def __init__(self, inner: Persistence, metrics: PrometheusObserver) -> None:
-        self.inner, self.metrics = inner, metrics
-
-    async def setup(self) -> None:
-        await self.inner.setup()
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-    async def load_and_lock_agent(
-        self, agent_id: str, step: int, owner: str, lease_seconds: float
-    ) -> Lease:
-        lease = await self.inner.load_and_lock_agent(agent_id, step, owner, lease_seconds)
-        self.metrics.count_lease(lease.state)
-        return lease
-
-    async def create_agent(self, agent: NewAgent) -> bool:
-        return await self.inner.create_agent(agent)
-
-    async def extend_lease(
-        self, agent_id: str, step: int, owner: str, lease_seconds: float
-    ) -> bool:
-        return await self.inner.extend_lease(agent_id, step, owner, lease_seconds)
-
-    async def save_state(self, commit: Commit) -> bool:
-        return await self.inner.save_state(commit)
-
-    async def record_failure(self, failure: Failure) -> bool:
-        return await self.inner.record_failure(failure)
-
-    async def release_lease(self, agent_id: str, step: int, owner: str) -> None:
-        await self.inner.release_lease(agent_id, step, owner)
-
-    async def cancel_agent(self, agent_id: str, reason: str) -> bool:
-        return await self.inner.cancel_agent(agent_id, reason)
-
-    async def get_agent(self, agent_id: str) -> AgentRecord | None:
-        return await self.inner.get_agent(agent_id)
-
-    async def get_history(self, agent_id: str) -> list[HistoryRecord]:
-        return await self.inner.get_history(agent_id)
-
-    async def pending_outbox(self, older_than: float, limit: int) -> list[OutboxEntry]:
-        return await self.inner.pending_outbox(older_than, limit)
-
-    async def clear_outbox(self, entries: Sequence[OutboxEntry]) -> None:
-        await self.inner.clear_outbox(entries)
-
-    async def stalled_agents(self, older_than: float, limit: int) -> list[OutboxEntry]:
-        return await self.inner.stalled_agents(older_than, limit)
+        if info.outcome == "dead_letter":
+            self.dead_letters.inc()
+        elif info.kind == "step":
+            self.leases.labels(info.outcome).inc()
+            if info.outcome == LeaseState.BUSY.value:
+                self.lease_conflicts.inc()

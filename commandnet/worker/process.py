@@ -28,7 +28,7 @@ from ..observer import Observer
 from ..persistence import Persistence
 from .http import ProbeServer
 from .logs import LogObserver
-from .metrics import InstrumentedBus, InstrumentedStore, PrometheusObserver
+from .metrics import PrometheusObserver
 from .settings import WorkerSettings, mask_url
 
 log = logging.getLogger("commandnet.worker")
@@ -57,8 +57,8 @@ class Worker:
                                       lambda: bus_from_url(settings.bus_dsn(), settings.pool,
                                                            **_bus_options(settings)))
         self.engine = Engine(
-            InstrumentedStore(self.store, self.metrics),
-            InstrumentedBus(self.bus, self.metrics),
+            self.store,
+            self.bus,
             graphs=self.graphs,
             observers=[self.metrics, LogObserver(), *_status_observers(self.bus)],
             owner=settings.worker_id,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
+
+from commandnet.local.process import free_port
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]
@@ -35,11 +36,6 @@ def commandnet_cmd() -> list[str]:
     return [sys.executable, "-c", "from commandnet.cli.main import main; main()"]
 
 
-def free_port() -> int:
-    """A loopback TCP port that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def clean_env(**extra: str) -> dict[str, str]:
