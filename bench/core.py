@@ -25,7 +25,7 @@ class LatencyProbe(Observer):
         self.published: dict[tuple[str, int], float] = {}
         self.latencies: list[float] = []
 
-    async def on_transition(self, info: TransitionInfo) -> None:
+    async def on_step(self, info: TransitionInfo) -> None:
         sent = self.published.pop((info.agent_id, info.step - 1), None)
         if sent is not None:
             self.latencies.append(time.perf_counter() - sent)
@@ -61,7 +61,7 @@ async def run_case(store: Persistence, agents: int, max_in_flight: int = 256,
     finished = 0
 
     class Finish(Observer):
-        async def on_transition(self, info: TransitionInfo) -> None:
+        async def on_step(self, info: TransitionInfo) -> None:
             nonlocal finished
             if info.to_node is None:
                 finished += 1

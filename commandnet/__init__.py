@@ -8,10 +8,13 @@ from .errors import (
     ContextValidationError,
     GraphError,
     InvalidTransitionError,
+    LeaseLostError,
     MalformedMessageError,
     NodeTimeoutError,
+    StoreUnavailableError,
     TriggerConflictError,
     UnknownNodeError,
+    WorkerDiedError,
 )
 from .graph import Graph, GraphAnalyzer
 from .messages import CancelCommand, StepEvent, TriggerCommand
@@ -23,33 +26,12 @@ from .records import AgentRecord, AgentStatus, HistoryRecord
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AgentNotFoundError",
-    "AgentRecord",
-    "AgentStatus",
-    "CancelCommand",
-    "CommandNetError",
-    "ContextValidationError",
-    "Delivery",
-    "DeliveryInfo",
-    "Engine",
-    "ErrorInfo",
-    "EventBus",
-    "Graph",
-    "GraphAnalyzer",
-    "GraphError",
-    "HistoryRecord",
-    "InvalidTransitionError",
-    "MalformedMessageError",
-    "Node",
-    "NodeTimeoutError",
-    "Observer",
-    "Persistence",
-    "RetryPolicy",
-    "StatusInfo",
-    "StepEvent",
-    "TransitionInfo",
-    "TriggerCommand",
-    "TriggerConflictError",
-    "UnknownNodeError",
+__all__ = [  # the public API, in one place
+    "AgentNotFoundError", "AgentRecord", "AgentStatus", "CancelCommand", "CommandNetError",
+    "ContextValidationError", "Delivery", "DeliveryInfo", "Engine", "ErrorInfo", "EventBus",
+    "Graph", "GraphAnalyzer", "GraphError", "HistoryRecord", "InvalidTransitionError",
+    "LeaseLostError", "MalformedMessageError", "Node", "NodeTimeoutError", "Observer",
+    "Persistence", "RetryPolicy", "StatusInfo", "StepEvent", "StoreUnavailableError",
+    "TransitionInfo", "TriggerCommand", "TriggerConflictError", "UnknownNodeError",
+    "WorkerDiedError",
 ]

@@ -39,9 +39,12 @@ class EventBus(ABC):
 
     ``durable`` is False for a bus whose messages die with the process (the in-memory one):
     a worker starting on such a bus re-publishes every running agent that holds no live lease.
+    ``pool`` is the worker pool (graph) whose messages this bus carries; an engine on it runs
+    and repairs only that pool's agents.
     """
 
     durable: bool = True
+    pool: str = "default"
 
     async def connect(self) -> None:
         """Connect and create what the bus needs (idempotent). Called by the engine at start."""

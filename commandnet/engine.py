@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -28,12 +29,15 @@ from .errors import (
     LeaseLostError,
     MalformedMessageError,
     NodeTimeoutError,
+    StoreUnavailableError,
     UnknownNodeError,
+    WorkerDiedError,
 )
 from .graph import Graph, GraphAnalyzer, NodeClass
 from .messages import StepEvent, TriggerCommand, decode
 from .observer import DeliveryInfo, ErrorInfo, Observer, StatusInfo, TransitionInfo
 from .persistence import Persistence
+from .policy import RetryPolicy
 from .records import (
     AgentRecord,
     AgentStatus,
@@ -47,21 +51,29 @@ from .records import (
 
 log = logging.getLogger("commandnet")
 
-FaultHook = Callable[[str, StepEvent], None]
-"""Called at protocol points ("before_commit", "after_commit", "after_publish"); may raise."""
-
 
 # Failures that no retry can fix: they fail the agent at once.
-_FATAL = (ContextValidationError, UnknownNodeError, InvalidTransitionError)
+_FATAL = (ContextValidationError, UnknownNodeError, InvalidTransitionError, WorkerDiedError)
+
+
+class _Run:
+    """One node execution on this worker: what the lease heartbeat keeps alive."""
+
+    def __init__(self, agent_id: str, step: int, delivery: Delivery,
+                 deadline: asyncio.Timeout) -> None:
+        self.agent_id, self.step, self.delivery, self.deadline = agent_id, step, delivery, deadline
+        self.lost = False
 
 
 class Engine:
     """Runs agents: triggers them, and (after :meth:`start_worker`) executes their steps.
 
-    One engine is one worker. Several engines (processes) may share a store and a bus.
-    ``lease_seconds`` bounds how long a crashed worker blocks its agents; ``max_in_flight``
-    bounds concurrent steps; ``sweep_interval``, ``outbox_grace`` and ``stall_after`` tune the
-    repair loops (lost publishes, lost messages).
+    One engine is one worker of the bus's pool. Several engines (processes, pools) may share a
+    store and a bus. ``lease_seconds`` bounds how long a crashed worker blocks its agents;
+    ``max_in_flight`` bounds concurrent steps; ``sweep_interval``, ``outbox_grace``,
+    ``stall_after`` and ``reconcile_batch`` tune the repair loops (lost publishes, lost
+    messages), run by one worker of the pool at a time: it re-publishes at most
+    ``reconcile_batch`` stalled agents per sweep, whatever the number of workers.
     """
 
     def __init__(
@@ -78,6 +90,7 @@ class Engine:
         sweep_interval: float = 2.0,
         outbox_grace: float = 5.0,
         stall_after: float = 300.0,
+        reconcile_batch: int = 100,
     ) -> None:
         self.persistence = persistence
         self.bus = event_bus
@@ -88,17 +101,20 @@ class Engine:
         self.sweep_interval = sweep_interval
         self.outbox_grace = outbox_grace
         self.stall_after = stall_after
-        self.fault_hook: FaultHook | None = None
+        self.reconcile_batch = reconcile_batch
+        self.pool = event_bus.pool
         self._nodes: dict[str, tuple[Graph, NodeClass]] = {}
         self._graphs: dict[NodeClass, Graph] = {}
-        self._running: dict[tuple[str, int], tuple[Delivery, asyncio.Timeout]] = {}
-        self._lost: set[tuple[str, int]] = set()
+        self._running: set[_Run] = set()
+        self._leased = 0  # steps being leased or run by this worker now
+        self._alone = asyncio.Event()  # cleared while a suspect step runs alone (_run_step)
+        self._alone.set()
         self._slots = asyncio.Semaphore(max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: set[asyncio.Task[None]] = set()  # sweeper, recovery: cancelled at stop
         self._started = False
         self._consuming = False
-        self._redo = 0
+        self._redo = itertools.count(time.time_ns() // 1000)  # unique across restarts
         self._final = asyncio.Condition()
         for start in graphs:
             self.register(start)
@@ -111,14 +127,12 @@ class Engine:
             return self._graphs[start]
         graph = GraphAnalyzer.validate(start)
         for name, cls in graph.nodes.items():
-            known = self._nodes.get(name)
-            if known is not None and known[1] is not cls:
+            known = self._nodes.get(name, (graph, cls))[1]
+            if known is not cls:
                 raise UnknownNodeError(
-                    f"node name {name!r} is used by {known[1].__qualname__} and "
-                    f"{cls.__qualname__} in two registered graphs; give one a stable name"
-                )
-        for name, cls in graph.nodes.items():
-            self._nodes.setdefault(name, (graph, cls))
+                    f"node name {name!r} is used by {known.__qualname__} and "
+                    f"{cls.__qualname__} in two registered graphs; give one a stable name")
+        self._nodes.update({n: (graph, c) for n, c in graph.nodes.items() if n not in self._nodes})
         self._graphs[start] = graph
         return graph
 
@@ -150,6 +164,7 @@ class Engine:
             self._loops.add(asyncio.create_task(self._heartbeat_loop(), name="commandnet-leases"))
             if not self.bus.durable:
                 await self._recover()
+                self._loops.add(asyncio.create_task(self._recover(self.lease_seconds + 0.1)))
 
     async def stop(self, grace: float = 30.0) -> None:
         """Drain: stop fetching, let in-flight steps finish for ``grace`` s, hand back the rest.
@@ -170,6 +185,8 @@ class Engine:
                 loop_task.cancel()
             await asyncio.gather(*self._loops, return_exceptions=True)
             self._loops.clear()
+            with contextlib.suppress(Exception):  # hand the pool's repair turn on at once
+                await self.persistence.claim_sweep(self.pool, self.owner, 0.0)
         if self._started:
             self._started = False
             for obs in self.observers:
@@ -207,31 +224,35 @@ class Engine:
         if isinstance(start_node, type):
             self.register(start_node)
             start_node = start_node.node_name
-        if isinstance(initial_context, BaseModel):
-            raw = initial_context.model_dump(mode="json")
-        else:
-            raw = dict(initial_context or {})
+        raw = (initial_context.model_dump(mode="json") if isinstance(initial_context, BaseModel)
+               else dict(initial_context or {}))
         if start_node not in self._nodes:
             await self.bus.publish(TriggerCommand(agent_id=agent_id, start_node=start_node,
                                                   context=raw))
             return True
         graph, _ = self._resolve(start_node)
         context = self._validate(graph, raw, f"initial context of agent {agent_id!r}")
-        created = await self.persistence.create_agent(NewAgent(agent_id, start_node, context))
+        created = await self.persistence.create_agent(
+            NewAgent(agent_id, start_node, context, pool=self.pool))
         if created:
-            await self._publish_step(StepEvent(agent_id=agent_id, step=0))
+            await self.bus.publish(StepEvent(agent_id=agent_id, step=0))
+            await self.persistence.clear_outbox([OutboxEntry(agent_id, 0)])
             await self._notify_status(StatusInfo(agent_id, AgentStatus.RUNNING, start_node, 0,
                                                  None))
         return created
 
     async def cancel_agent(self, agent_id: str, reason: str = "cancelled") -> bool:
-        """Cancel a running agent; its in-flight step, if any, is discarded at commit."""
+        """Cancel a running agent; its in-flight step, if any, is discarded at commit.
+
+        An id not triggered yet is cancelled in advance: its trigger will not run it.
+        """
         await self.start()
-        cancelled = await self.persistence.cancel_agent(agent_id, reason)
+        cancelled = await self.persistence.cancel_agent(agent_id, reason, self.pool)
         if cancelled:
             rec = await self.persistence.get_agent(agent_id)
             if rec is not None:
-                await self._notify_status(_status_of(rec))
+                await self._notify_status(StatusInfo(agent_id, rec.status, rec.node, rec.step,
+                                                     rec.error))
             await self._wake()
         return cancelled
 
@@ -264,39 +285,38 @@ class Engine:
                         await asyncio.wait_for(self._final.wait(), poll)
 
     async def sweep_once(self) -> int:
-        """Re-publish lost outbox events and the current step of stalled agents; returns count."""
-        entries = await self.persistence.pending_outbox(self.outbox_grace, 1000)
+        """If this worker has its pool's repair turn: re-publish lost outbox events and the
+        current step of stalled agents; returns how many."""
+        if await self.persistence.claim_sweep(self.pool, self.owner,
+                                              self.sweep_interval * 3 + 1) is None:
+            return 0
+        entries = await self.persistence.pending_outbox(self.outbox_grace, 1000, self.pool)
         for entry in entries:
             await self.bus.publish(StepEvent(agent_id=entry.agent_id, step=entry.step))
         if entries:
             await self.persistence.clear_outbox(entries)
-        stalled = await self.persistence.stalled_agents(self.stall_after, 1000)
+        stalled = await self.persistence.stalled_agents(self.stall_after, self.reconcile_batch,
+                                                        self.pool)
         await self._republish(stalled)
         if entries or stalled:
-            log.info("sweeper re-published %d outbox events and %d stalled steps",
-                     len(entries), len(stalled))
+            log.info("sweeper of pool %r re-published %d outbox events and %d stalled steps",
+                     self.pool, len(entries), len(stalled))
         return len(entries) + len(stalled)
 
     async def _republish(self, stalled: list[OutboxEntry]) -> None:
         """Re-send current steps under a fresh de-dup id (the first one may still be remembered)."""
         for entry in stalled:
-            self._redo += 1
-            redo = int(time.time() * 1000) + self._redo
-            await self.bus.publish(StepEvent(agent_id=entry.agent_id, step=entry.step, redo=redo))
+            await self.bus.publish(StepEvent(agent_id=entry.agent_id, step=entry.step,
+                                             redo=next(self._redo)))
 
     # -------------------------------------------------------------- consuming
 
-    async def _recover(self) -> None:
-        """Re-publish what a non-durable bus lost with the last process: agents free now, then
-        (once their leases have run out) the agents a dead worker still held."""
-        await self._republish(await self.persistence.stalled_agents(0.0, 1_000_000))
-
-        async def later() -> None:
-            await asyncio.sleep(self.lease_seconds + 0.1)
-            await self._republish(await self.persistence.stalled_agents(self.lease_seconds,
-                                                                        1_000_000))
-
-        self._loops.add(asyncio.create_task(later(), name="commandnet-recovery"))
+    async def _recover(self, after: float = 0.0) -> None:
+        """Re-publish what a non-durable bus lost with the last process: agents free now, and
+        (called again once their leases have run out) the agents a dead worker still held."""
+        await asyncio.sleep(after)
+        await self._republish(await self.persistence.stalled_agents(
+            max(after - 0.1, 0.0), 1_000_000, self.pool))
 
     async def _sweep_loop(self) -> None:
         while True:
@@ -329,23 +349,24 @@ class Engine:
         try:
             if isinstance(message, StepEvent):
                 await self._run_step(message, delivery)
-            elif isinstance(message, TriggerCommand):
+                return
+            if isinstance(message, TriggerCommand):
                 await self._on_trigger(message)
-                await delivery.ack()
-                await self._notify_delivery(message.kind, delivery, "handled")
             else:
                 await self.cancel_agent(message.agent_id, message.reason)
-                await delivery.ack()
-                await self._notify_delivery(message.kind, delivery, "handled")
+            await delivery.ack()
+            await self._notify_delivery(message.kind, delivery, "handled")
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await delivery.nack(0)
             raise
-        except CommandNetError as exc:  # a bad request: it will not get better
-            log.error("dead-lettering %s: %s", message.kind, exc)
-            await delivery.dead_letter(str(exc))
-            await self._notify_delivery(message.kind, delivery, "dead_letter")
-        except Exception:  # the store or the bus failed: try again later
+        except Exception as exc:
+            if isinstance(exc, CommandNetError) and not isinstance(exc, StoreUnavailableError):
+                log.error("dead-lettering %s: %s", message.kind, exc)  # it will not get better
+                await delivery.dead_letter(str(exc))
+                await self._notify_delivery(message.kind, delivery, "dead_letter")
+                return
+            # The store or the bus failed, or is busy: try again later.
             log.exception("handling %s failed; redelivering later", message.dedup_id)
             with contextlib.suppress(Exception):
                 await delivery.nack(min(self.lease_seconds, 5.0))
@@ -357,7 +378,7 @@ class Engine:
         except (UnknownNodeError, ContextValidationError) as exc:
             log.error("trigger of agent %r refused: %s", cmd.agent_id, exc)
             agent = NewAgent(cmd.agent_id, cmd.start_node, cmd.context, AgentStatus.FAILED,
-                             str(exc))
+                             str(exc), self.pool)
             if await self.persistence.create_agent(agent):
                 await self._notify_status(StatusInfo(cmd.agent_id, AgentStatus.FAILED,
                                                      cmd.start_node, 0, str(exc)))
@@ -366,46 +387,64 @@ class Engine:
         await self.trigger_agent(cmd.agent_id, cmd.start_node, context)
 
     async def _run_step(self, event: StepEvent, delivery: Delivery) -> None:
+        """Lease and run a step. A step whose worker died holding it (a suspect) that is leased
+        by an idle worker runs alone: no other step is leased here until it ends, so if it kills
+        this worker too, the store counts that death against it alone. A death during a run
+        that was not alone may have been any step's doing and uses up no attempt."""
+        await self._alone.wait()
+        alone = not self._leased
+        self._leased += 1
+        try:
+            await self._lease_and_run(event, delivery, alone)
+        finally:
+            self._leased -= 1
+            if alone:  # only an alone lease closes the gate
+                self._alone.set()
+
+    async def _lease_and_run(self, event: StepEvent, delivery: Delivery, alone: bool) -> None:
         lease = await self.persistence.load_and_lock_agent(
-            event.agent_id, event.step, self.owner, self.lease_seconds
+            event.agent_id, event.step, self.owner, self.lease_seconds, self.pool, alone
         )
         await self._notify_delivery(event.kind, delivery, lease.state.value)
         if lease.state is LeaseState.BUSY:
             await delivery.nack(min(max(lease.retry_after, 0.01), self.lease_seconds))
             return
+        if lease.state is LeaseState.FOREIGN:
+            log.warning("agent %r belongs to another pool than %r; left to its own pool",
+                        event.agent_id, self.pool)
         if lease.state is not LeaseState.GRANTED or lease.record is None:
             await delivery.ack()  # a duplicate or stale event: the store has moved on
             return
         rec = lease.record
-        attempt = rec.attempts + 1
+        if alone and rec.crashes:
+            self._alone.clear()
+        attempt = rec.attempts  # counted by the lease, so a worker that dies still used one
         started = time.monotonic()
         try:
+            if attempt > self._policy(rec.node).max_attempts:
+                raise WorkerDiedError(f"worker died during the step ({rec.crashes} times) at "
+                                      f"node {rec.node!r}")
             target, context = await self._execute(rec, delivery)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await self.persistence.release_lease(rec.agent_id, rec.step, self.owner)
             raise
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit in a node too: the worker goes on
             await self._fail(rec, attempt, exc, delivery)
             return
         commit = Commit(rec.agent_id, self.owner, rec.step, rec.node,
                         None if target is None else target.node_name, context, attempt,
                         time.monotonic() - started)
-        self._fault("before_commit", event)
         try:
             saved = await self.persistence.save_state(commit)
         except ContextValidationError as exc:  # the store cannot hold it (NaN in jsonb, say)
             await self._fail(rec, attempt, exc, delivery)
             return
         if not saved:
-            log.info("agent %r step %d: result discarded (lease lost or agent cancelled)",
-                     rec.agent_id, rec.step)
-            await delivery.ack()
+            await self._refused(rec, delivery)
             return
-        self._fault("after_commit", event)
         if commit.to_node is not None:
             await self.bus.publish(StepEvent(agent_id=rec.agent_id, step=rec.step + 1))
-            self._fault("after_publish", event)
             await self.persistence.clear_outbox([OutboxEntry(rec.agent_id, rec.step + 1)])
         await delivery.ack()
         status = AgentStatus.RUNNING if commit.to_node else AgentStatus.SUCCEEDED
@@ -415,6 +454,21 @@ class Engine:
             StatusInfo(rec.agent_id, status, commit.to_node or rec.node, rec.step + 1, None),
         )
 
+    async def _refused(self, rec: AgentRecord, delivery: Delivery) -> None:
+        """The fence refused our lease. A lease the store forgot (a database crash, leases
+        commit without a flush) leaves the step running with no owner: retry it now.
+        Otherwise the agent moved on, was cancelled, or another worker took over: drop."""
+        now = await self.persistence.get_agent(rec.agent_id)
+        if (now is not None and now.status is AgentStatus.RUNNING and now.step == rec.step
+                and now.lease_owner is None):
+            log.warning("agent %r step %d: the store forgot our lease; running it again",
+                        rec.agent_id, rec.step)
+            await delivery.nack(0)
+            return
+        log.info("agent %r step %d: result discarded (lease lost or agent cancelled)",
+                 rec.agent_id, rec.step)
+        await delivery.ack()
+
     async def _execute(
         self, rec: AgentRecord, delivery: Delivery
     ) -> tuple[NodeClass | None, dict[str, Any]]:
@@ -422,21 +476,22 @@ class Engine:
         graph, node_cls = self._resolve(rec.node)
         ctx = self._model(graph, rec.context, f"stored context at node {rec.node!r}")
         timeout = node_cls.retry.timeout
-        key = (rec.agent_id, rec.step)
+        run: _Run | None = None
         try:
             async with asyncio.timeout(timeout) as deadline:
-                self._running[key] = (delivery, deadline)
+                run = _Run(rec.agent_id, rec.step, delivery, deadline)
+                self._running.add(run)
                 result = await node_cls().run(ctx)
         except TimeoutError:
             if not deadline.expired():
                 raise  # the node's own TimeoutError, not ours
-            if key in self._lost:
+            if run is not None and run.lost:
                 raise LeaseLostError(f"agent {rec.agent_id!r} step {rec.step}: lease lost "
                                      "(cancelled, or taken over after a stall)") from None
             raise NodeTimeoutError(f"node {rec.node!r} timed out after {timeout}s") from None
         finally:
-            self._running.pop(key, None)
-            self._lost.discard(key)
+            if run is not None:
+                self._running.discard(run)
         if not graph.allows(rec.node, result):
             declared = [*graph.edges[rec.node], *(["None"] if rec.node in graph.terminal else [])]
             got = getattr(result, "__qualname__", repr(result))
@@ -451,42 +506,46 @@ class Engine:
         """Keep the leases and messages of running nodes alive; stop nodes whose lease is lost."""
         while True:
             await asyncio.sleep(self.lease_seconds / 3)
-            for (agent_id, step), (delivery, deadline) in list(self._running.items()):
+            for run in list(self._running):
                 try:
-                    await delivery.in_progress()
-                    if not await self.persistence.extend_lease(agent_id, step, self.owner,
-                                                               self.lease_seconds):
-                        log.warning("agent %r step %d: lease lost, stopping its node",
-                                    agent_id, step)
-                        self._lost.add((agent_id, step))
-                        deadline.reschedule(asyncio.get_running_loop().time())
+                    await run.delivery.in_progress()
+                    kept = await self.persistence.extend_lease(run.agent_id, run.step,
+                                                               self.owner, self.lease_seconds)
                 except Exception:
-                    log.exception("agent %r: lease extension failed", agent_id)
+                    kept = True
+                    if run in self._running:  # else it committed meanwhile: nothing to keep
+                        log.exception("agent %r: lease extension failed", run.agent_id)
+                if not kept and run in self._running:
+                    log.warning("agent %r step %d: lease lost, stopping its node",
+                                run.agent_id, run.step)
+                    run.lost = True
+                    run.deadline.reschedule(asyncio.get_running_loop().time())
 
-    async def _fail(self, rec: AgentRecord, attempt: int, exc: Exception,
+    async def _fail(self, rec: AgentRecord, attempt: int, exc: BaseException,
                     delivery: Delivery) -> None:
-        policy = self._nodes[rec.node][1].retry if rec.node in self._nodes else None
-        final = isinstance(exc, _FATAL) or policy is None or not policy.should_retry(attempt, exc)
-        delay = 0.0 if final or policy is None else policy.backoff(attempt)
+        policy = self._policy(rec.node)
+        final = isinstance(exc, _FATAL) or not policy.should_retry(attempt, exc)
+        delay = 0.0 if final else policy.backoff(attempt)
         error = _describe(exc)
         recorded = await self.persistence.record_failure(
             Failure(rec.agent_id, self.owner, rec.step, attempt, error, final, delay)
         )
-        if recorded and not final:
+        if not recorded:
+            await self._refused(rec, delivery)
+            return
+        if not final:
             log.warning("agent %r node %r attempt %d failed, retry in %.2fs: %s",
                         rec.agent_id, rec.node, attempt, delay, error.splitlines()[0])
             await delivery.nack(delay)
         else:
-            if recorded:
-                log.error("agent %r failed at node %r after %d attempt(s): %s",
-                          rec.agent_id, rec.node, attempt, error.splitlines()[0])
+            log.error("agent %r failed at node %r after %d attempt(s): %s",
+                      rec.agent_id, rec.node, attempt, error.splitlines()[0])
             await delivery.ack()
-        if not recorded:
-            return
         info = ErrorInfo(rec.agent_id, rec.step, rec.node, exc, attempt, final,
                          None if final else delay)
         for obs in self.observers:
-            await _safely(obs.on_error(info))
+            await _safely(obs.on_error(rec.agent_id, rec.node, exc))
+            await _safely(obs.on_step_error(info))
         if final:
             await self._notify_status(StatusInfo(rec.agent_id, AgentStatus.FAILED, rec.node,
                                                  rec.step, error))
@@ -494,13 +553,8 @@ class Engine:
 
     # ------------------------------------------------------------------ helpers
 
-    def _fault(self, point: str, event: StepEvent) -> None:
-        if self.fault_hook is not None:
-            self.fault_hook(point, event)
-
-    async def _publish_step(self, event: StepEvent) -> None:
-        await self.bus.publish(event)
-        await self.persistence.clear_outbox([OutboxEntry(event.agent_id, event.step)])
+    def _policy(self, node: str) -> RetryPolicy:
+        return self._nodes[node][1].retry if node in self._nodes else RetryPolicy()
 
     @staticmethod
     def _model(graph: Graph, raw: dict[str, Any], where: str) -> BaseModel:
@@ -516,7 +570,9 @@ class Engine:
 
     async def _notify_transition(self, info: TransitionInfo, status: StatusInfo) -> None:
         for obs in self.observers:
-            await _safely(obs.on_transition(info))
+            await _safely(obs.on_transition(info.agent_id, info.from_node, info.to_node,
+                                            info.duration * 1000))
+            await _safely(obs.on_step(info))
         await self._notify_status(status)
         if info.to_node is None:
             await self._wake()
@@ -533,10 +589,6 @@ class Engine:
     async def _wake(self) -> None:
         async with self._final:
             self._final.notify_all()
-
-
-def _status_of(rec: AgentRecord) -> StatusInfo:
-    return StatusInfo(rec.agent_id, rec.status, rec.node, rec.step, rec.error)
 
 
 def _describe(exc: BaseException) -> str:

@@ -57,3 +57,11 @@ class NodeTimeoutError(CommandNetError):
 
 class LeaseLostError(CommandNetError):
     """A worker lost its lease while a node ran (cancelled, or taken over); its result is void."""
+
+
+class WorkerDiedError(CommandNetError):
+    """A step's attempts ran out because its workers died holding it (OOM kill, os._exit)."""
+
+
+class StoreUnavailableError(CommandNetError):
+    """The store cannot answer now (a lock held too long, a connection lost): try again."""

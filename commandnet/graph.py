@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .errors import GraphError, UnknownNodeError
+from .errors import GraphError
 from .node import Node, context_type
 
 NodeClass = type[Node[Any]]
@@ -32,19 +32,6 @@ class Graph:
     def __post_init__(self) -> None:
         self._names.update({cls: name for name, cls in self.nodes.items()})
 
-    @property
-    def start_name(self) -> str:
-        """Name of the entry node."""
-        return self.start.node_name
-
-    def node(self, name: str) -> NodeClass:
-        """The node class called ``name``; :class:`UnknownNodeError` when there is none."""
-        try:
-            return self.nodes[name]
-        except KeyError:
-            known = ", ".join(sorted(self.nodes))
-            raise UnknownNodeError(f"unknown node {name!r} (this graph has: {known})") from None
-
     def allows(self, source: str, target: object) -> bool:
         """Whether node ``source`` declared ``target`` (a node class, or None to finish)."""
         if target is None:
@@ -58,7 +45,7 @@ class Graph:
 
     def to_mermaid(self) -> str:
         """A Mermaid state diagram of the graph."""
-        lines = ["stateDiagram-v2", f"    [*] --> {self.start_name}"]
+        lines = ["stateDiagram-v2", f"    [*] --> {self.start.node_name}"]
         for name, targets in self.edges.items():
             lines += [f"    {name} --> {target}" for target in targets]
             if name in self.terminal:

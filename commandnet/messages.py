@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -53,11 +54,13 @@ class CancelCommand(_Message):
     kind: Literal["cancel"] = "cancel"
     agent_id: str = Field(min_length=1)
     reason: str = "cancelled"
+    request: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1)
 
     @property
     def dedup_id(self) -> str:
-        """Identifier for bus-side de-duplication."""
-        return f"{self.agent_id}:cancel"
+        """Identifier for de-duplication: this request (a retried publish), never a later
+        cancel of the same agent."""
+        return f"{self.agent_id}:cancel:{self.request}"
 
 
 Message = Annotated[StepEvent | TriggerCommand | CancelCommand, Field(discriminator="kind")]

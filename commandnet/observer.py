@@ -54,13 +54,25 @@ class DeliveryInfo:
 
 
 class Observer:
-    """Override what you need; every method is called after the change is committed."""
+    """Override what you need; every method is called after the change is committed.
 
-    async def on_transition(self, info: TransitionInfo) -> None:
-        """A transition was committed."""
+    ``on_transition`` and ``on_error`` keep the seed's signatures; ``on_step`` and
+    ``on_step_error`` carry the same events as records with every detail.
+    """
 
-    async def on_error(self, info: ErrorInfo) -> None:
-        """A node attempt failed (retried unless ``info.final``)."""
+    async def on_transition(
+        self, agent_id: str, from_node: str, to_node: str | None, duration_ms: float
+    ) -> None:
+        """A transition was committed (``to_node`` None: the agent finished)."""
+
+    async def on_error(self, agent_id: str, node: str, error: BaseException) -> None:
+        """A node attempt failed (retried unless it was the last)."""
+
+    async def on_step(self, info: TransitionInfo) -> None:
+        """A transition was committed: the full record."""
+
+    async def on_step_error(self, info: ErrorInfo) -> None:
+        """A node attempt failed (retried unless ``info.final``): the full record."""
 
     async def on_status(self, info: StatusInfo) -> None:
         """The agent's status changed; status mirrors (the NATS KV bucket) hook in here."""

@@ -3,7 +3,8 @@
 Every method that changes a running agent is fenced: it applies only while ``owner`` holds the
 lease on exactly ``step`` of a running agent, so a stale worker, a duplicate event or a
 cancellation can never double or resurrect a transition. Implementations must make each method
-one atomic transaction. Times are epoch seconds from the store's own clock.
+one atomic transaction. Times are epoch seconds from the store's own clock, read after any write
+lock is taken. Every agent row records its pool; the repair methods only touch one pool's rows.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .records import (
     Lease,
     NewAgent,
     OutboxEntry,
+    SweepClaim,
 )
 
 
@@ -42,9 +44,18 @@ class Persistence(ABC):
 
     @abstractmethod
     async def load_and_lock_agent(
-        self, agent_id: str, step: int, owner: str, lease_seconds: float
+        self, agent_id: str, step: int, owner: str, lease_seconds: float, pool: str = "default",
+        alone: bool = False,
     ) -> Lease:
-        """Lease ``step`` of a running agent if no live lease or retry delay stands in the way."""
+        """Lease ``step`` of a running agent of ``pool`` if no live lease or retry delay stands
+        in the way (FOREIGN for another pool's agent, which is left alone).
+
+        Taking the lease counts an attempt, and a crash when the previous lease was never
+        settled (its worker died holding it), so a step that kills its worker runs out of
+        attempts like one that raises. ``alone``: this worker holds no other step, and if the
+        step has crashed before it will run alone (the lease records that). A death in a run
+        that was not alone may have been any step's doing, so that attempt is given back.
+        """
 
     @abstractmethod
     async def extend_lease(
@@ -65,11 +76,15 @@ class Persistence(ABC):
 
     @abstractmethod
     async def release_lease(self, agent_id: str, step: int, owner: str) -> None:
-        """Give a lease back without a transition (worker draining)."""
+        """Give a lease back without a transition (worker draining), and its attempt with it."""
 
     @abstractmethod
-    async def cancel_agent(self, agent_id: str, reason: str) -> bool:
-        """Mark a running agent cancelled; False when it is missing or already final."""
+    async def cancel_agent(self, agent_id: str, reason: str, pool: str = "default") -> bool:
+        """Mark a running agent cancelled; False when it is already final.
+
+        An unknown id gets a cancelled tombstone (empty start node) that a later trigger of the
+        id respects: commands from different workers may overtake each other.
+        """
 
     @abstractmethod
     async def get_agent(self, agent_id: str) -> AgentRecord | None:
@@ -80,16 +95,39 @@ class Persistence(ABC):
         """Committed transitions of an agent, in step order."""
 
     @abstractmethod
-    async def pending_outbox(self, older_than: float, limit: int) -> list[OutboxEntry]:
-        """Outbox events written more than ``older_than`` seconds ago (a publish was lost)."""
+    async def pending_outbox(
+        self, older_than: float, limit: int, pool: str | None = None
+    ) -> list[OutboxEntry]:
+        """Outbox events of ``pool`` (None: every pool) written more than ``older_than`` seconds
+        ago (a publish was lost), oldest first."""
 
     @abstractmethod
     async def clear_outbox(self, entries: Sequence[OutboxEntry]) -> None:
         """Forget outbox events that have been published."""
 
     @abstractmethod
-    async def stalled_agents(self, older_than: float, limit: int) -> list[OutboxEntry]:
-        """Running agents with no live lease and no change for ``older_than`` seconds.
+    async def stalled_agents(
+        self, older_than: float, limit: int, pool: str | None = None
+    ) -> list[OutboxEntry]:
+        """Claim running agents of ``pool`` with no live lease and neither a change nor a
+        claim for ``older_than`` seconds; oldest first.
 
-        Their current step is re-published by the reconciler: the bus may have lost it.
+        Their current step is re-published by the reconciler (the bus may have lost it); the
+        claim is recorded, so one agent is returned at most once per ``older_than``.
         """
+
+    @abstractmethod
+    async def claim_sweep(self, pool: str, owner: str, seconds: float) -> SweepClaim | None:
+        """Take or renew ``pool``'s repair turn for ``seconds``; None while another owner has
+        it. One sweeper per pool bounds the repair traffic whatever the number of workers."""
+
+    @abstractmethod
+    async def mark_resynced(self, pool: str, until: float) -> None:
+        """Record that statuses changed up to ``until`` (store clock) have been resynced."""
+
+    @abstractmethod
+    async def changed_agents(
+        self, pool: str, after: tuple[float, str], until: float, limit: int
+    ) -> list[AgentRecord]:
+        """Agents of ``pool`` whose ``(updated_at, agent_id)`` is past ``after`` and whose
+        ``updated_at`` is at most ``until``, in that order (a page of the status resync)."""

@@ -32,12 +32,14 @@ class AgentRecord:
     context: dict[str, Any]
     start_node: str
     initial_context: dict[str, Any]
-    attempts: int = 0
+    attempts: int = 0  # attempts of this step started (counted when the lease is taken)
     error: str | None = None
     lease_owner: str | None = None
     lease_until: float | None = None
     created_at: float = 0.0
     updated_at: float = 0.0
+    pool: str = "default"
+    crashes: int = 0  # attempts of this step whose worker died holding the lease
 
 
 @dataclass(frozen=True)
@@ -55,13 +57,18 @@ class HistoryRecord:
 
 @dataclass(frozen=True)
 class NewAgent:
-    """A trigger request, stored with the first step event in one transaction."""
+    """A trigger request, stored with the first step event in one transaction.
+
+    An id whose row is a cancel tombstone (a cancel that overtook its trigger) takes the
+    request's start node and context but stays cancelled, and no event is written.
+    """
 
     agent_id: str
     start_node: str
     context: dict[str, Any]
     status: AgentStatus = AgentStatus.RUNNING
     error: str | None = None
+    pool: str = "default"
 
 
 class LeaseState(enum.StrEnum):
@@ -71,6 +78,7 @@ class LeaseState(enum.StrEnum):
     STALE = "stale"  # the step is past or the agent is final: acknowledge and drop
     BUSY = "busy"  # another worker holds a live lease, or a retry waits: try after retry_after
     MISSING = "missing"  # no such agent: drop (a trigger that was never committed)
+    FOREIGN = "foreign"  # the agent belongs to another pool: leave it to that pool
 
 
 @dataclass(frozen=True)
@@ -126,3 +134,11 @@ class OutboxEntry:
     agent_id: str
     step: int
     created_at: float = field(default=0.0, compare=False)
+
+
+@dataclass(frozen=True)
+class SweepClaim:
+    """The pool's repair turn (one sweeper per pool at a time), on the store's clock."""
+
+    now: float
+    resynced_until: float | None  # the status resync has covered changes up to here

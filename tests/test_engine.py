@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -182,13 +183,29 @@ async def test_retry_policy(engine: Engine) -> None:
 
 def test_backoff_is_capped_and_jittered() -> None:
     policy = RetryPolicy(initial_interval=1, multiplier=3, max_interval=5, jitter=0.1)
-    assert policy.backoff(1) == pytest.approx(1, rel=0.11)
-    assert policy.backoff(2) == pytest.approx(3, rel=0.11)
-    assert policy.backoff(5) == pytest.approx(5, rel=0.11)
+    for attempt, base in ((1, 1.0), (2, 3.0), (3, 5.0), (5, 5.0)):  # 1, 3, 9 -> 5, 81 -> 5
+        values = [policy.backoff(attempt) for _ in range(200)]
+        assert all(abs(v - base) <= 0.1 * base + 1e-9 for v in values), (attempt, values)
+        assert len(set(values)) > 100, f"attempt {attempt}: backoffs are not spread: {values}"
+        # Spread on both sides of the base, over most of the +/-10 % band.
+        assert min(values) < base < max(values), (attempt, min(values), max(values))
+        assert max(values) - min(values) > 0.1 * base, (attempt, min(values), max(values))
+    exact = RetryPolicy(initial_interval=1, multiplier=3, max_interval=5, jitter=0)
+    assert [exact.backoff(attempt) for attempt in (1, 2, 3, 5)] == [1.0, 3.0, 5.0, 5.0]
+    assert {exact.backoff(2) for _ in range(50)} == {3.0}
     assert RetryPolicy(jitter=0).backoff(2) == 2.0
 
 
 GATE: asyncio.Event | None = None
+
+
+async def until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Poll ``check`` until true; fail naming ``what`` after ``timeout`` (a bound of its own)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(0.01)
 
 
 class Blocked(Node[Ctx], retry=FAST):
@@ -202,13 +219,11 @@ async def test_cancel_discards_the_in_flight_result(engine: Engine) -> None:
     global GATE
     GATE = asyncio.Event()
     await engine.trigger_agent("c1", Blocked, Ctx())
-    while engine.in_flight == 0:
-        await asyncio.sleep(0.01)
+    await until(lambda: engine.in_flight > 0, "the Blocked step of c1 to start running")
     assert await engine.cancel_agent("c1", "user asked")
     GATE.set()
     rec = await engine.wait_for("c1", timeout=10)
-    while engine.in_flight:
-        await asyncio.sleep(0.01)
+    await until(lambda: engine.in_flight == 0, "the discarded step of c1 to finish")
     rec = await engine.get_agent("c1")
     assert (rec.status, rec.step, rec.error) == (AgentStatus.CANCELLED, 0, "user asked")
     assert await engine.get_history("c1") == []
@@ -219,10 +234,10 @@ class Recorder(Observer):
     def __init__(self) -> None:
         self.events: list[Any] = []
 
-    async def on_transition(self, info: TransitionInfo) -> None:
+    async def on_step(self, info: TransitionInfo) -> None:
         self.events.append(("t", info.from_node, info.to_node, info.step))
 
-    async def on_error(self, info: ErrorInfo) -> None:
+    async def on_step_error(self, info: ErrorInfo) -> None:
         self.events.append(("e", info.node, info.attempt, info.final))
 
     async def on_status(self, info: StatusInfo) -> None:
@@ -234,7 +249,10 @@ class Broken(Observer):
         raise RuntimeError("observer bug")
 
 
-async def test_observers_are_called_and_cannot_break_the_engine() -> None:
+async def test_observers_are_called_and_cannot_break_the_engine(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.ERROR, logger="commandnet")
     rec = Recorder()
     engine = Engine(InMemoryPersistence(), InMemoryEventBus(), observers=[Broken(), rec])
     await engine.start_worker()
@@ -244,13 +262,23 @@ async def test_observers_are_called_and_cannot_break_the_engine() -> None:
     await engine.wait_for("o1", timeout=10)
     await engine.wait_for("o2", timeout=10)
     await engine.stop()
-    o1 = [e for e in rec.events if e in {
+    o1 = [e for e in rec.events if (e[0] == "t" and e[1] in {"Start", "Done"})
+          or (e[0] == "s" and e[2] in {"Start", "Done"})]
+    assert o1 == [
         ("s", "running", "Start", 0), ("t", "Start", "Done", 1), ("s", "running", "Done", 1),
-        ("t", "Done", None, 2), ("s", "succeeded", "Done", 2)}]
-    assert len(o1) == 5
+        ("t", "Done", None, 2), ("s", "succeeded", "Done", 2)]
     assert ("e", "AlwaysFails", 1, False) in rec.events
     assert ("e", "AlwaysFails", 3, True) in rec.events
     assert ("s", "failed", "AlwaysFails", 0) in rec.events
+    # Broken raised at every status: each failure is logged (with its exception), then ignored.
+    failures = [r for r in caplog.records if "observer" in r.getMessage()
+                and "fail" in r.getMessage() and r.exc_info is not None]
+    assert failures, [r.getMessage() for r in caplog.records]
+    assert all(r.levelno >= logging.ERROR for r in failures)
+    assert all(isinstance(r.exc_info[1], RuntimeError) and str(r.exc_info[1]) == "observer bug"
+               for r in failures if r.exc_info is not None)
+    assert len(failures) == len([e for e in rec.events if e[0] == "s"]), (
+        [r.getMessage() for r in failures], rec.events)
 
 
 async def test_poison_messages_are_dead_lettered_and_work_goes_on() -> None:
@@ -318,8 +346,7 @@ async def test_draining_keeps_the_leases_of_finishing_steps_alive() -> None:
     engine = Engine(store, InMemoryEventBus(), graphs=[Blocked], lease_seconds=0.3)
     await engine.start_worker()
     await engine.trigger_agent("drain", Blocked, Ctx())
-    while engine.in_flight == 0:
-        await asyncio.sleep(0.01)
+    await until(lambda: engine.in_flight > 0, "the Blocked step of 'drain' to start running")
     stopping = asyncio.create_task(engine.stop(grace=10))
     await asyncio.sleep(1.0)  # more than three lease lengths into the drain
     held = store.agents["drain"]

@@ -288,7 +288,7 @@ async def test_retry_delay_elapses_then_the_step_runs_again(store: Persistence) 
     await asyncio.sleep(0.3)
     lease = await store.load_and_lock_agent("a1", 0, "w2", LONG)
     assert lease.state is LeaseState.GRANTED and lease.record is not None
-    assert lease.record.attempts == 1
+    assert (lease.record.attempts, lease.record.crashes) == (2, 0)  # the second attempt
     assert await store.save_state(commit("a1", 0, "w2", "Next"))
     rec = await store.get_agent("a1")
     assert rec is not None and (rec.attempts, rec.error) == (0, None)
@@ -320,7 +320,6 @@ async def test_cancel(store: Persistence) -> None:
     assert (rec.status, rec.error, rec.lease_owner, rec.lease_until) == (
         AgentStatus.CANCELLED, "operator deleted the CR", None, None)
     assert await store.cancel_agent("a1", "again") is False
-    assert await store.cancel_agent("nobody", "x") is False
     assert (await store.load_and_lock_agent("a1", 0, "w2", LONG)).state is LeaseState.STALE
 
 
@@ -364,3 +363,117 @@ async def test_stalled_includes_expired_leases(store: Persistence) -> None:
     await granted(store, "a1", 0, "dead", lease=0.05)
     await asyncio.sleep(0.3)
     assert [(e.agent_id, e.step) for e in await store.stalled_agents(0.0, 10)] == [("a1", 0)]
+
+
+# ------------------------------------------------------------------ pools (issue 7)
+
+
+async def test_every_row_records_its_pool_and_leases_stay_in_it(store: Persistence) -> None:
+    assert await store.create_agent(NewAgent("a", "Start", {}, pool="blue"))
+    assert await store.create_agent(NewAgent("b", "Begin", {}, pool="green"))
+    rec = await store.get_agent("a")
+    assert rec is not None and rec.pool == "blue"
+    foreign = await store.load_and_lock_agent("a", 0, "w", LONG, "green")
+    assert foreign.state is LeaseState.FOREIGN
+    after = await store.get_agent("a")
+    assert after is not None and (after.attempts, after.lease_owner) == (0, None)  # untouched
+    assert (await store.load_and_lock_agent("a", 0, "w", LONG, "blue")).state is \
+        LeaseState.GRANTED
+
+
+async def test_repair_queries_only_see_their_own_pool(store: Persistence) -> None:
+    for agent_id, pool in (("a1", "blue"), ("a2", "blue"), ("b1", "green")):
+        assert await store.create_agent(NewAgent(agent_id, "Start", {}, pool=pool))
+    assert {e.agent_id for e in await store.pending_outbox(0.0, 100, "blue")} == {"a1", "a2"}
+    assert {e.agent_id for e in await store.pending_outbox(0.0, 100, "green")} == {"b1"}
+    assert {e.agent_id for e in await store.pending_outbox(0.0, 100)} == {"a1", "a2", "b1"}
+    assert {e.agent_id for e in await store.stalled_agents(0.0, 100, "green")} == {"b1"}
+    assert {e.agent_id for e in await store.stalled_agents(0.0, 100, "blue")} == {"a1", "a2"}
+
+
+async def test_a_stalled_agent_is_claimed_once_per_period(store: Persistence) -> None:
+    for i in range(3):
+        await created(store, f"q{i}")
+    await asyncio.sleep(0.3)
+    first = await store.stalled_agents(0.2, 2, "default")
+    assert len(first) == 2  # one sweep is bounded by its limit
+    second = await store.stalled_agents(0.2, 100, "default")
+    assert [e.agent_id for e in second] == sorted({"q0", "q1", "q2"} - {e.agent_id for e in first})
+    assert await store.stalled_agents(0.2, 100, "default") == []  # all re-sent this period
+    await asyncio.sleep(0.3)
+    assert len(await store.stalled_agents(0.2, 100, "default")) == 3  # the next period
+
+
+async def test_one_sweeper_per_pool(store: Persistence) -> None:
+    first = await store.claim_sweep("blue", "w1", 0.3)
+    assert first is not None and first.resynced_until is None and first.now > 0
+    assert await store.claim_sweep("blue", "w2", 0.3) is None
+    assert await store.claim_sweep("green", "w2", 0.3) is not None  # pools are separate
+    assert await store.claim_sweep("blue", "w1", 0.3) is not None  # the holder renews
+    await store.mark_resynced("blue", first.now - 5)
+    await asyncio.sleep(0.5)
+    taken = await store.claim_sweep("blue", "w2", 0.3)  # the holder's turn ran out
+    assert taken is not None and taken.resynced_until == pytest.approx(first.now - 5, abs=1e-3)
+
+
+async def test_changed_agents_pages_in_a_stable_order(store: Persistence) -> None:
+    for i in range(7):
+        assert await store.create_agent(NewAgent(f"c{i}", "Start", {}, pool="blue"))
+    assert await store.create_agent(NewAgent("other", "Start", {}, pool="green"))
+    claim = await store.claim_sweep("blue", "w", 10.0)
+    assert claim is not None
+    seen: list[str] = []
+    after = (0.0, "")
+    while True:
+        page = await store.changed_agents("blue", after, claim.now + 1, 3)
+        seen += [r.agent_id for r in page]
+        if len(page) < 3:
+            break
+        after = (page[-1].updated_at, page[-1].agent_id)
+    assert sorted(seen) == [f"c{i}" for i in range(7)] and len(seen) == 7
+    assert await store.changed_agents("blue", (0.0, ""), claim.now - 3600, 10) == []
+
+
+# ------------------------------------------------------------------ attempts (issue 7)
+
+
+async def test_a_lease_counts_an_attempt_and_a_dead_holder_counts_a_crash(
+        store: Persistence) -> None:
+    await created(store)
+    await granted(store, "a1", 0, "doomed", lease=0.05)  # the worker dies holding it
+    await asyncio.sleep(0.3)
+    # That run was not alone: the death may have been a bystander's, no attempt is used up.
+    lease = await store.load_and_lock_agent("a1", 0, "w2", 0.05, "default", alone=True)
+    assert lease.record is not None and (lease.record.attempts, lease.record.crashes) == (1, 1)
+    await asyncio.sleep(0.3)  # w2 was idle and ran the suspect alone, and died: that counts
+    lease = await store.load_and_lock_agent("a1", 0, "w3", 0.05, "default", alone=False)
+    assert lease.record is not None and (lease.record.attempts, lease.record.crashes) == (2, 2)
+    await asyncio.sleep(0.3)  # w3 was busy (not alone) and died: not counted
+    lease = await store.load_and_lock_agent("a1", 0, "w3", LONG)
+    assert lease.record is not None and (lease.record.attempts, lease.record.crashes) == (2, 3)
+    await store.release_lease("a1", 0, "w3")  # handed back while draining: not an attempt
+    lease = await store.load_and_lock_agent("a1", 0, "w4", LONG)
+    assert lease.record is not None and (lease.record.attempts, lease.record.crashes) == (2, 3)
+    assert await store.save_state(commit("a1", 0, "w4", "Next"))
+    rec = await store.get_agent("a1")
+    assert rec is not None and (rec.attempts, rec.crashes) == (0, 0)
+
+
+# ------------------------------------------------------------------ tombstones (issue 7)
+
+
+async def test_a_cancel_before_the_trigger_leaves_a_tombstone_the_trigger_respects(
+        store: Persistence) -> None:
+    assert await store.cancel_agent("early", "deleted at once", "blue") is True
+    assert await store.cancel_agent("early", "again", "blue") is False
+    assert await store.create_agent(NewAgent("early", "Start", {"q": 1}, pool="blue")) is False
+    rec = await store.get_agent("early")
+    assert rec is not None
+    assert (rec.status, rec.start_node, rec.initial_context, rec.error, rec.pool) == (
+        AgentStatus.CANCELLED, "Start", {"q": 1}, "deleted at once", "blue")
+    assert await outbox_keys(store) == set()  # no event: nothing will run it
+    assert await store.create_agent(NewAgent("early", "Start", {"q": 1}, pool="blue")) is False
+    with pytest.raises(TriggerConflictError):
+        await store.create_agent(NewAgent("early", "Start", {"q": 2}, pool="blue"))
+    assert (await store.load_and_lock_agent("early", 0, "w", LONG, "blue")).state is \
+        LeaseState.STALE

@@ -39,7 +39,7 @@ from commandnet.worker import (
 )
 from commandnet.worker.http import ProbeServer
 from commandnet.worker.logs import setup_logging
-from commandnet.worker.settings import SettingsError, with_password
+from commandnet.worker.settings import SettingsError
 from tests.graphs import failing, gate, linear
 from tests.graphs.procs import WorkerProc, clean_env, free_port, http_get, run_cli, wait_until
 
@@ -88,14 +88,17 @@ def test_passwords_come_from_env_and_are_masked(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("COMMANDNET_STORE_URL", "postgresql://app@db.example:5432/cn")
     monkeypatch.setenv("COMMANDNET_STORE_PASSWORD", "s3cr/t:pw")
     s = WorkerSettings()
-    assert s.store_dsn() == "postgresql://app:s3cr%2Ft%3Apw@db.example:5432/cn"
+    # handed to the driver as a password, not spliced into the URL
+    assert s.store_connection() == ("postgresql://app@db.example:5432/cn", {
+        "password": "s3cr/t:pw", "min_size": 2, "max_size": 10})
     summary = json.dumps(s.summary())
     assert "s3cr" not in summary and "store_password" not in summary
     assert mask_url("nats://u:pw@[::1]:4222") == "nats://u:***@[::1]:4222"
     assert mask_url("sqlite:///x.db") == "sqlite:///x.db"
     assert "s3cr/t:pw" in s.secrets()
     with pytest.raises(SettingsError, match=r"COMMANDNET_STORE_PASSWORD .* names no user"):
-        with_password("postgresql://db/cn", s.store_password, "COMMANDNET_STORE_PASSWORD")
+        WorkerSettings(store_url="postgresql://db/cn",
+                       store_password="s3cr/t:pw").store_connection()
 
 
 # ----------------------------------------------------------------------- graph loading
@@ -470,7 +473,13 @@ def nats_worker(db: Path, log: Path, url: str, pool: str, *extra: str) -> Worker
 
 
 def trigger_gate(tmp_path: Path, agent_id: str, url: str, pool: str) -> tuple[Path, Path]:
-    """``commandnet trigger`` a Hold agent; returns its (started, release) files."""
+    """``commandnet trigger`` a Hold agent; returns its (started, release) files.
+
+    ``pools ensure`` first: a client never creates the pool's stream, and the trigger may be
+    sent before any worker of the pool runs (the consumer keeps it).
+    """
+    ensured = run_cli(["pools", "ensure", "--pool", pool, "--bus", url])
+    assert ensured.returncode == 0, ensured.stderr
     started, release = tmp_path / f"{agent_id}.started", tmp_path / f"{agent_id}.release"
     ctx = json.dumps({"started_file": str(started), "release_file": str(release)})
     result = run_cli(["trigger", agent_id, "--node", "Hold", "--context", ctx, "--pool", pool,
@@ -558,11 +567,12 @@ def test_worker_on_postgres_and_nats_configured_by_environment(
         for agent_id in agents:
             assert run_cli(["trigger", agent_id, "--node", "Step0"], env).returncode == 0
 
-        def all_final() -> bool:
-            done = run_cli(["status", agents[-1], "--json"], env)
+        def succeeded(agent_id: str) -> bool:
+            done = run_cli(["status", agent_id, "--json"], env)
             return done.returncode == 0 and json.loads(done.stdout)["status"] == "succeeded"
 
-        wait_until(all_final, 120, f"the agents to finish\n{w.log}")
+        for agent_id in agents:  # each one: they finish in any order
+            wait_until(lambda a=agent_id: succeeded(a), 120, f"{agent_id} to succeed\n{w.log}")
         for agent_id in agents:
             kv = run_cli(["status", agent_id, "--json"], env)
             row = run_cli(["status", agent_id, "--source", "store", "--json"], env)

@@ -29,6 +29,7 @@ from ..records import (
     LeaseState,
     NewAgent,
     OutboxEntry,
+    SweepClaim,
 )
 
 Clock = Callable[[], float]
@@ -42,11 +43,19 @@ class InMemoryPersistence(Persistence):
         self.agents: dict[str, AgentRecord] = {}
         self.history: dict[str, list[HistoryRecord]] = {}
         self.outbox: dict[tuple[str, int], OutboxEntry] = {}
+        self.republished: dict[str, float] = {}
+        self.solo: dict[str, bool] = {}  # the current lease runs alone (see load_and_lock_agent)
+        self.sweeps: dict[str, tuple[str, float, float | None]] = {}  # owner, until, resynced
 
     @override
     async def create_agent(self, agent: NewAgent) -> bool:
         now = self.clock()
         old = self.agents.get(agent.agent_id)
+        if old is not None and not old.start_node:  # a cancel came first: fill in, stay cancelled
+            self.agents[agent.agent_id] = replace(
+                old, node=agent.start_node, start_node=agent.start_node,
+                context=copy.deepcopy(agent.context), initial_context=copy.deepcopy(agent.context))
+            return False
         if old is not None:
             if old.start_node == agent.start_node and old.initial_context == agent.context:
                 return False
@@ -57,7 +66,7 @@ class InMemoryPersistence(Persistence):
             agent_id=agent.agent_id, node=agent.start_node, step=0, status=agent.status,
             context=copy.deepcopy(agent.context), start_node=agent.start_node,
             initial_context=copy.deepcopy(agent.context), error=agent.error,
-            created_at=now, updated_at=now,
+            created_at=now, updated_at=now, pool=agent.pool,
         )
         self.history[agent.agent_id] = []
         if agent.status is AgentStatus.RUNNING:
@@ -66,17 +75,24 @@ class InMemoryPersistence(Persistence):
 
     @override
     async def load_and_lock_agent(
-        self, agent_id: str, step: int, owner: str, lease_seconds: float
+        self, agent_id: str, step: int, owner: str, lease_seconds: float, pool: str = "default",
+        alone: bool = False,
     ) -> Lease:
         now = self.clock()
         rec = self.agents.get(agent_id)
         if rec is None:
             return Lease(LeaseState.MISSING)
+        if rec.pool != pool:
+            return Lease(LeaseState.FOREIGN)
         if rec.status is not AgentStatus.RUNNING or rec.step != step:
             return Lease(LeaseState.STALE)
         if rec.lease_until is not None and rec.lease_until > now:
             return Lease(LeaseState.BUSY, retry_after=rec.lease_until - now)
-        rec = replace(rec, lease_owner=owner, lease_until=now + lease_seconds)
+        died = rec.lease_owner is not None
+        rec = replace(rec, lease_owner=owner, lease_until=now + lease_seconds,
+                      attempts=rec.attempts + 1 - (died and not self.solo.get(agent_id, False)),
+                      crashes=rec.crashes + died)
+        self.solo[agent_id] = alone and rec.crashes > 0
         self.agents[agent_id] = rec
         return Lease(LeaseState.GRANTED, rec)  # the engine only reads the context
 
@@ -111,7 +127,7 @@ class InMemoryPersistence(Persistence):
         self.agents[commit.agent_id] = replace(
             rec, node=commit.to_node or rec.node, step=commit.step + 1,
             status=AgentStatus.SUCCEEDED if done else AgentStatus.RUNNING,
-            context=commit.context, attempts=0, error=None,
+            context=commit.context, attempts=0, crashes=0, error=None,
             lease_owner=None, lease_until=None, updated_at=now,
         )
         self.history[commit.agent_id].append(HistoryRecord(
@@ -140,12 +156,21 @@ class InMemoryPersistence(Persistence):
     async def release_lease(self, agent_id: str, step: int, owner: str) -> None:
         rec = self._fenced(agent_id, step, owner)
         if rec is not None:
-            self.agents[agent_id] = replace(rec, lease_owner=None, lease_until=None)
+            self.agents[agent_id] = replace(rec, lease_owner=None, lease_until=None,
+                                            attempts=max(rec.attempts - 1, 0))
 
     @override
-    async def cancel_agent(self, agent_id: str, reason: str) -> bool:
+    async def cancel_agent(self, agent_id: str, reason: str, pool: str = "default") -> bool:
         rec = self.agents.get(agent_id)
-        if rec is None or rec.status is not AgentStatus.RUNNING:
+        if rec is None:
+            now = self.clock()
+            self.agents[agent_id] = AgentRecord(
+                agent_id=agent_id, node="", step=0, status=AgentStatus.CANCELLED, context={},
+                start_node="", initial_context={}, error=reason, created_at=now,
+                updated_at=now, pool=pool)
+            self.history[agent_id] = []
+            return True
+        if rec.status is not AgentStatus.RUNNING:
             return False
         self.agents[agent_id] = replace(
             rec, status=AgentStatus.CANCELLED, error=reason, lease_owner=None,
@@ -163,9 +188,13 @@ class InMemoryPersistence(Persistence):
         return list(self.history.get(agent_id, []))
 
     @override
-    async def pending_outbox(self, older_than: float, limit: int) -> list[OutboxEntry]:
+    async def pending_outbox(
+        self, older_than: float, limit: int, pool: str | None = None
+    ) -> list[OutboxEntry]:
         cutoff = self.clock() - older_than
-        return [e for e in self.outbox.values() if e.created_at <= cutoff][:limit]
+        return sorted((e for e in self.outbox.values() if e.created_at <= cutoff and (
+            pool is None or self.agents[e.agent_id].pool == pool)),
+            key=lambda e: e.created_at)[:limit]
 
     @override
     async def clear_outbox(self, entries: Sequence[OutboxEntry]) -> None:
@@ -173,15 +202,43 @@ class InMemoryPersistence(Persistence):
             self.outbox.pop((entry.agent_id, entry.step), None)
 
     @override
-    async def stalled_agents(self, older_than: float, limit: int) -> list[OutboxEntry]:
+    async def stalled_agents(
+        self, older_than: float, limit: int, pool: str | None = None
+    ) -> list[OutboxEntry]:
         now = self.clock()
-        return [
-            OutboxEntry(r.agent_id, r.step, r.updated_at)
-            for r in self.agents.values()
-            if r.status is AgentStatus.RUNNING
+        cutoff = now - older_than
+        found = sorted((
+            r for r in self.agents.values()
+            if r.status is AgentStatus.RUNNING and (pool is None or r.pool == pool)
             and (r.lease_until is None or r.lease_until <= now)
-            and r.updated_at <= now - older_than
-        ][:limit]
+            and max(r.updated_at, self.republished.get(r.agent_id, 0.0)) <= cutoff
+        ), key=lambda r: r.updated_at)[:limit]
+        for r in found:
+            self.republished[r.agent_id] = now
+        return [OutboxEntry(r.agent_id, r.step, r.updated_at) for r in found]
+
+    @override
+    async def claim_sweep(self, pool: str, owner: str, seconds: float) -> SweepClaim | None:
+        now = self.clock()
+        holder, until, resynced = self.sweeps.get(pool, (owner, 0.0, None))
+        if holder != owner and until > now:
+            return None
+        self.sweeps[pool] = (owner, now + seconds, resynced)
+        return SweepClaim(now, resynced)
+
+    @override
+    async def mark_resynced(self, pool: str, until: float) -> None:
+        holder, lease, _ = self.sweeps.get(pool, ("", 0.0, None))
+        self.sweeps[pool] = (holder, lease, until)
+
+    @override
+    async def changed_agents(
+        self, pool: str, after: tuple[float, str], until: float, limit: int
+    ) -> list[AgentRecord]:
+        found = sorted((r for r in self.agents.values() if r.pool == pool
+                        and (r.updated_at, r.agent_id) > after and r.updated_at <= until),
+                       key=lambda r: (r.updated_at, r.agent_id))
+        return [replace(r, context=copy.deepcopy(r.context)) for r in found[:limit]]
 
 
 class _MemoryDelivery(Delivery):
@@ -239,7 +296,9 @@ class InMemoryEventBus(EventBus):
 
     durable = False
 
-    def __init__(self, ack_wait: float = 30.0, dedup_window: float = 120.0) -> None:
+    def __init__(self, ack_wait: float = 30.0, dedup_window: float = 120.0,
+                 pool: str = "default") -> None:
+        self.pool = pool
         self.ack_wait = ack_wait
         self.dedup_window = dedup_window
         self.dead_letters: list[tuple[bytes, str]] = []

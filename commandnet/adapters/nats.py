@@ -6,17 +6,39 @@ Layout (DESIGN §4), for the defaults ``stream="COMMANDNET"``, ``prefix="command
   takes ``commandnet.*.events`` (step events) and ``commandnet.*.commands`` (trigger/cancel);
   ``Nats-Msg-Id`` = the message's ``dedup_id`` de-duplicates within ``duplicate_window``.
 - durable pull consumer ``<pool>`` filtered on ``commandnet.<pool>.events`` and
-  ``.commands``: explicit ack, bounded ``max_ack_pending``, ``max_deliver`` with ``backoff``.
-  Every worker of the pool binds to it, so the replicas compete for its messages.
-- stream ``COMMANDNET_DLQ`` (limits retention: kept until deleted) takes
+  ``.commands``: explicit ack, bounded ``max_ack_pending``, ``max_deliver`` (no ``backoff``
+  by default). Every worker of the pool binds to it, so the replicas compete for its messages.
+- stream ``COMMANDNET_DLQ`` (limits retention, bounded: at most ``dlq_max_bytes`` (256 MiB)
+  and ``dlq_max_age`` (14 days), the oldest dead letters dropped first; 0 lifts a limit) takes
   ``commandnet.dlq.<pool>.<events|commands>``; a dead letter is the original bytes with the
   reason and origin in ``Commandnet-*`` headers. It is never redelivered. A message that
   JetStream gives up on after ``max_deliver`` deliveries is moved there too.
 - KV bucket ``COMMANDNET_STATUS``: agents' latest status (see :mod:`.nats_status`).
 
-Everything is created idempotently: streams and bucket at :meth:`JetStreamBus.connect`, the
-pool's consumer at :meth:`JetStreamBus.subscribe` (only workers consume). A config that differs
-from ours is updated; a change the server refuses raises :class:`JetStreamConfigError`.
+Who configures the bus: a managing bus (``manage=True``, workers and ``commandnet pools
+ensure``) creates or updates streams and bucket at :meth:`JetStreamBus.connect` and the pool's
+consumer at :meth:`JetStreamBus.subscribe` or :meth:`JetStreamBus.ensure_consumer`,
+idempotently; a config that differs from ours is updated, a change the server refuses raises
+:class:`JetStreamConfigError`. Clients (``commandnet trigger|cancel``, the operator) use
+``manage=False``: publish-only, they never create or change anything, so a mistyped pool never
+looks served, and a publish to a stream that does not exist fails with a BusPublishError naming
+the stream and saying to start a worker or run ``commandnet pools ensure``.
+
+``max_deliver`` counts only deliveries that are never settled (a worker that dies holding the
+message), so it catches poison messages that kill workers. Nothing the engine decides runs a
+message into it:
+
+- a nack ("retry later": a busy lease, a retry's backoff, a message handed back at drain) is a
+  plain delayed nak until the message has been delivered ``renew_after`` times (half of
+  ``max_deliver``); from then on the bus publishes a fresh copy of the same bytes on the same
+  subject (``Nats-Msg-Id`` = the original id + ``#renewed@<stream seq>``, so a renewal retried
+  after a lost ack is stored once) and acknowledges the old message. The copy starts again at
+  delivery 1; it is delivered at once rather than after the nak's delay (the engine naks it
+  again with its delay). A duplicate step waiting 45 minutes behind a running one is renewed
+  now and then, never dead-lettered.
+- messages fetched but waiting for a free slot of the engine (the handler blocks) get
+  in-progress acks every ``ack_wait / 3``, so they are not redelivered meanwhile (a full worker
+  holds at most ``fetch_batch`` such messages).
 
 Unknown pools: a message on ``commandnet.<other>.events`` is only ever seen by pool
 ``<other>``'s consumer, so it never blocks another pool. If no consumer serves ``<other>``, it
@@ -57,6 +79,7 @@ from typing_extensions import override
 from ..bus import Delivery, EventBus, Handler
 from ..errors import CommandNetError
 from ..messages import CancelCommand, StepEvent, TriggerCommand, encode
+from .connection import NatsAuth, server_address, split_nats_servers
 from .nats_status import (
     JetStreamStatusObserver,
     StatusReader,
@@ -88,6 +111,7 @@ REASON_HEADER = "Commandnet-Reason"
 SUBJECT_HEADER = "Commandnet-Subject"
 SEQUENCE_HEADER = "Commandnet-Stream-Seq"
 DELIVERIES_HEADER = "Commandnet-Deliveries"
+RENEWED_FROM_HEADER = "Commandnet-Renewed-From"
 
 
 class JetStreamConfigError(CommandNetError):
@@ -152,7 +176,7 @@ class _JetStreamDelivery(Delivery):
     @override
     async def nack(self, delay: float) -> None:
         if self._settle():
-            await self.msg.nak(delay if delay > 0 else None)
+            await self.bus._retry_later(self.msg, delay if delay > 0 else None)
 
     @override
     async def in_progress(self) -> None:
@@ -171,13 +195,18 @@ class _JetStreamDelivery(Delivery):
 class JetStreamBus(EventBus):
     """EventBus over NATS JetStream for worker pool ``pool``; see the module docstring.
 
-    ``servers``: one URL or several (``nats://user:pass@host:4222``). ``ack_wait``: seconds a
+    ``servers``: one URL or several (``nats://host:4222``; ``tls://`` for TLS with the system
+    CAs); ``auth``: credentials and TLS (:class:`~.connection.NatsAuth`; a ``user:pass@`` in
+    a URL is taken out of it and used as credentials). ``ack_wait``: seconds a
     delivery may stay unsettled (in-progress acks extend it) before JetStream redelivers it;
     ``backoff`` the consumer's successive ack waits of redeliveries (default: none, plain
     ``ack_wait``). Leave it empty: with a consumer BackOff, nats-server (2.15) ignores the delay
     of a nak from the second redelivery on, so the engine's retry policy (which naks with its
-    backoff) would wait ``backoff[n]`` instead. ``max_deliver`` bounds deliveries (nacks count);
-    ``fetch_batch`` and ``fetch_wait`` shape the pull loop; ``max_age`` bounds how long an
+    backoff) would wait ``backoff[n]`` instead. ``max_deliver`` bounds deliveries that are never
+    settled (nacks do not use it up: see the module docstring); ``fetch_batch`` and
+    ``fetch_wait`` shape the pull loop; ``dlq_max_bytes`` and ``dlq_max_age`` bound the
+    dead-letter stream (0: no limit); ``manage`` False: publish-only, never create or change
+    streams, consumers or buckets (clients); ``max_age`` bounds how long an
     unconsumed message is kept (0: forever); ``orphan_after``: a subscribed bus moves messages
     of pools that no consumer serves to the DLQ once they are this old (None: never).
     """
@@ -204,8 +233,14 @@ class JetStreamBus(EventBus):
         connect_timeout: float = 5.0,
         replicas: int = 1,
         orphan_after: float | None = 3600.0,
+        dlq_max_bytes: int = 256 * 1024 * 1024,
+        dlq_max_age: float = 14 * 24 * 3600.0,
+        manage: bool = True,
+        auth: NatsAuth | None = None,
     ) -> None:
-        self.servers = [servers] if isinstance(servers, str) else list(servers)
+        # Credentials are passed to the client as credentials, never inside a URL (so any
+        # password works, and no URL this bus holds or logs carries one).
+        self.servers, self.auth = split_nats_servers(servers, auth)
         self.pool = _token("pool", pool)
         self.stream = _token("stream", stream)
         self.prefix = prefix
@@ -236,6 +271,15 @@ class JetStreamBus(EventBus):
         self.connect_timeout = connect_timeout
         self.replicas = replicas
         self.orphan_after = orphan_after
+        if dlq_max_bytes < 0 or dlq_max_age < 0:
+            raise JetStreamConfigError(
+                f"pool {pool!r}: dlq_max_bytes ({dlq_max_bytes}) and dlq_max_age "
+                f"({dlq_max_age}s) must be >= 0 (0: no limit)")
+        self.dlq_max_bytes = dlq_max_bytes
+        self.dlq_max_age = dlq_max_age
+        self.manage = manage
+        # A nack from this many deliveries on renews the message instead (module docstring).
+        self.renew_after: int | None = max(1, max_deliver // 2) if max_deliver > 0 else None
         self.nc: NatsClient | None = None
         self.js: JetStreamContext | None = None
         self._task: asyncio.Task[None] | None = None
@@ -272,21 +316,30 @@ class JetStreamBus(EventBus):
                 connect_timeout=max(1, int(self.connect_timeout)),
                 reconnect_time_wait=1, max_reconnect_attempts=-1,
                 error_cb=self._on_error, disconnected_cb=self._on_disconnect,
-                reconnected_cb=self._on_reconnect,
+                reconnected_cb=self._on_reconnect, **self.auth.connect_kwargs(),
             )
             self.js = self.nc.jetstream(timeout=self.publish_timeout)
-            await self.ensure()
+            if self.manage:
+                await self.ensure()
+
+    def _server(self) -> str:
+        """``host:port`` of the server the client uses now (never ``user:password@``)."""
+        url = self.nc.connected_url if self.nc is not None else None
+        if url is None:
+            return ", ".join(server_address(s) for s in self.servers)
+        return server_address(url.geturl())
 
     async def _on_error(self, exc: Exception) -> None:
-        log.warning("nats client error (pool %r): %s", self.pool, exc)
+        log.warning("nats client error (pool %r, %s): %s: %s", self.pool, self._server(),
+                    type(exc).__name__, exc)
 
     async def _on_disconnect(self) -> None:
         if not self._stopping:
-            log.warning("nats disconnected (pool %r); reconnecting", self.pool)
+            log.warning("nats disconnected (pool %r) from %s; reconnecting", self.pool,
+                        self._server())
 
     async def _on_reconnect(self) -> None:
-        log.info("nats reconnected (pool %r) to %s", self.pool,
-                 self.nc.connected_url.netloc if self.nc and self.nc.connected_url else "?")
+        log.info("nats reconnected (pool %r) to %s", self.pool, self._server())
 
     def _jsc(self) -> JetStreamContext:
         if self.js is None:
@@ -294,8 +347,15 @@ class JetStreamBus(EventBus):
                                   "call connect() (the engine does at start)")
         return self.js
 
+    def jetstream(self) -> JetStreamContext:
+        """The connected JetStream context; CommandNetError when not connected."""
+        return self._jsc()
+
     async def ensure(self) -> None:
-        """Create or update the work stream, the DLQ stream and the status bucket."""
+        """Create or update the work stream, the DLQ stream and the status bucket.
+
+        A managing bus does this at :meth:`connect`; calling it explicitly works on any bus.
+        """
         js = self._jsc()
         storage = StorageType.FILE
         await self._ensure_stream(StreamConfig(
@@ -308,7 +368,10 @@ class JetStreamBus(EventBus):
         await self._ensure_stream(StreamConfig(
             name=self.dlq_stream, subjects=[f"{self.prefix}.dlq.*.*"],
             retention=RetentionPolicy.LIMITS, storage=storage, discard=DiscardPolicy.OLD,
-            duplicate_window=self.duplicate_window, num_replicas=self.replicas,
+            # The server wants the de-dup window within max_age.
+            duplicate_window=min(self.duplicate_window, self.dlq_max_age or self.duplicate_window),
+            num_replicas=self.replicas,
+            max_bytes=self.dlq_max_bytes or None, max_age=self.dlq_max_age or None,
             description="commandnet dead letters: unprocessable messages, with the reason",
         ))
         await ensure_bucket(js, self.status_bucket, self.replicas)
@@ -316,8 +379,9 @@ class JetStreamBus(EventBus):
     async def ensure_consumer(self) -> None:
         """Create or update the pool's durable consumer (at :meth:`subscribe`).
 
-        Only consuming workers create it: a process that merely publishes (the CLI, the
-        operator) must not make a mistyped pool look served (see ``orphan_after``).
+        Only consuming workers and ``commandnet pools ensure`` create it: a process that merely
+        publishes (the CLI, the operator) must not make a mistyped pool look served (see
+        ``orphan_after``). Idempotent.
         """
         js = self._jsc()
         config = ConsumerConfig(
@@ -374,7 +438,7 @@ class JetStreamBus(EventBus):
                 await self._jsc().publish(subject, data, headers=headers,
                                           timeout=self.publish_timeout)
             except nats.js.errors.NoStreamResponseError:
-                if subject not in (self.events_subject, self.commands_subject):
+                if subject not in (self.events_subject, self.commands_subject) or not self.manage:
                     raise
                 # Our own stream is gone (a server that lost its store): recreate, retry once.
                 log.warning("no stream takes %r; re-creating stream %r", subject, self.stream)
@@ -382,13 +446,55 @@ class JetStreamBus(EventBus):
                 await self._jsc().publish(subject, data, headers=headers,
                                           timeout=self.publish_timeout)
         except nats.js.errors.NoStreamResponseError:
-            raise BusPublishError(
-                f"no JetStream stream takes subject {subject!r} (is the server up, and is "
-                f"{subject!r} one of {self.prefix}.<pool>.events/.commands?)") from None
+            raise BusPublishError(await self._explain_no_stream(subject)) from None
         except (nats.errors.Error, OSError, TimeoutError, JetStreamConfigError) as exc:
             raise BusPublishError(
                 f"publish of {dedup_id or 'a message'!r} to {subject!r} failed: "
                 f"{type(exc).__name__}: {exc}") from exc
+
+    async def _explain_no_stream(self, subject: str) -> str:
+        """Why nothing took ``subject``: our stream is missing, or the subject is not ours."""
+        if subject in (self.events_subject, self.commands_subject):
+            missing = False
+            with contextlib.suppress(Exception):
+                try:
+                    await self._jsc().stream_info(self.stream)
+                except nats.js.errors.NotFoundError:
+                    missing = True
+            if missing:
+                return (f"stream {self.stream!r} does not exist, so nothing takes {subject!r}: "
+                        f"start a worker of pool {self.pool!r} or run `commandnet pools ensure "
+                        f"--pool {self.pool}` first (clients never create streams)")
+        return (f"no JetStream stream takes subject {subject!r} (is the server up, and is "
+                f"{subject!r} one of {self.prefix}.<pool>.events/.commands?)")
+
+    async def _retry_later(self, msg: Msg, delay: float | None) -> None:
+        """Nak ``msg`` (redeliver after ``delay`` s) without running it into ``max_deliver``.
+
+        From ``renew_after`` deliveries on, publish a fresh copy instead and ack the old
+        message (see the module docstring). Raises when even the nak fails (the message then
+        comes back after ``ack_wait``).
+        """
+        delivered = msg.metadata.num_delivered
+        if self.renew_after is None or delivered < self.renew_after:
+            await msg.nak(delay)
+            return
+        seq = msg.metadata.sequence.stream
+        headers = msg.headers or {}
+        origin = (headers.get(RENEWED_FROM_HEADER) or headers.get("Nats-Msg-Id")
+                  or f"{self.stream}:{seq}")
+        renewed = {"Nats-Msg-Id": f"{origin}#renewed@{seq}", RENEWED_FROM_HEADER: origin}
+        try:
+            await self._jsc().publish(msg.subject, msg.data, headers=renewed,
+                                      timeout=self.publish_timeout)
+        except Exception as exc:
+            log.warning("renewing %s seq %d (delivery %d of max %d) failed, nak instead: %s: %s",
+                        msg.subject, seq, delivered, self.max_deliver, type(exc).__name__, exc)
+            await msg.nak(delay)
+            return
+        await msg.ack()
+        log.info("renewed %s seq %d (%r) after %d deliveries: a fresh copy replaces it",
+                 msg.subject, seq, origin, delivered)
 
     async def _dead_letter(self, msg: Msg, reason: str) -> None:
         meta = msg.metadata
@@ -456,6 +562,9 @@ class JetStreamBus(EventBus):
     async def subscribe(self, handler: Handler) -> None:
         if self._task is not None:
             raise CommandNetError(f"JetStreamBus for pool {self.pool!r} already has a subscriber")
+        if not self.manage:
+            raise CommandNetError(f"JetStreamBus for pool {self.pool!r} is publish-only "
+                                  "(manage=False): it cannot consume")
         self._jsc()
         assert self.nc is not None
         await self.ensure_consumer()
@@ -507,33 +616,52 @@ class JetStreamBus(EventBus):
                 await psub.unsubscribe()
 
     async def _dispatch(self, msgs: list[Msg], handler: Handler) -> None:
-        """Hand each message to the handler (which may wait for a free slot)."""
-        for index, msg in enumerate(msgs):
+        """Hand each message to the handler (which waits while the engine has no free slot).
+
+        While a handover waits, the messages not handed over yet (the waiting one included)
+        get in-progress acks every ``ack_wait / 3``: a redelivery meanwhile would count a
+        delivery and run two copies.
+        """
+        deliveries: list[_JetStreamDelivery] = []
+        for msg in msgs:
             try:
-                delivery = _JetStreamDelivery(self, msg)
+                deliveries.append(_JetStreamDelivery(self, msg))
             except Exception as exc:  # not a JetStream message (no ack reply): drop it
                 log.error("ignoring a non-JetStream message on %s: %s", msg.subject, exc)
-                continue
-            if self._stopping:
-                await self._give_back(msgs[index:])
-                return
-            try:
-                await handler(delivery)
-            except asyncio.CancelledError:
-                await self._give_back(msgs[index + 1:] if delivery.settled else msgs[index:])
-                raise
-            except Exception:
-                log.exception("handler failed on %s; it will be redelivered", msg.subject)
-                with contextlib.suppress(Exception):
-                    if not delivery.settled:
+        next_up = 0
+
+        async def keep_waiting_alive() -> None:
+            while True:
+                await asyncio.sleep(self.ack_wait / 3)
+                for waiting in deliveries[next_up:]:
+                    with contextlib.suppress(Exception):
+                        await waiting.in_progress()
+
+        keeper = asyncio.create_task(keep_waiting_alive(), name=f"commandnet-wait-{self.pool}")
+        try:
+            for next_up, delivery in enumerate(deliveries):  # next_up: read by the keeper
+                if self._stopping:
+                    await self._give_back(deliveries[next_up:])
+                    return
+                try:
+                    await handler(delivery)
+                except asyncio.CancelledError:
+                    await self._give_back(deliveries[next_up:])
+                    raise
+                except Exception:
+                    log.exception("handler failed on %s; it will be redelivered",
+                                  delivery.msg.subject)
+                    with contextlib.suppress(Exception):
                         await delivery.nack(1.0)
+        finally:
+            keeper.cancel()
 
     @staticmethod
-    async def _give_back(msgs: list[Msg]) -> None:
+    async def _give_back(deliveries: list[_JetStreamDelivery]) -> None:
         """Let other workers take messages this one fetched but will not handle."""
-        for msg in msgs:
+        for delivery in deliveries:
             with contextlib.suppress(Exception):
-                await msg.nak()
+                await delivery.nack(0)  # a no-op for one the handler settled
 
     @override
     async def unsubscribe(self) -> None:

@@ -12,6 +12,17 @@ The value is JSON: ``agent_id``, ``pool``, ``status`` (running/succeeded/failed/
 ``updated_at`` (ISO 8601, UTC). Writers never move a key backwards: a status is written only if
 its (step, final?) is not older than the stored one (compare-and-set on the key's revision), so
 two workers' racing notifications cannot leave a finished agent shown as running.
+
+A write that fails (server down, reconnecting, bucket lost) is kept in the buffer and retried
+at the next flush, with the flush interval doubling up to ``max_backoff`` while writes fail; a
+key still failing after ``retry_for`` seconds is dropped (logged; the store's resync writes it
+later), and the buffer holds at most ``max_pending`` keys (the oldest go first when it is full).
+A retried status never replaces a later one buffered meanwhile, and the compare-and-set still
+guards the bucket.
+
+This module does not import :mod:`.nats` (which imports it): the observer takes any object
+with ``pool``, ``status_bucket``, ``replicas`` and ``jetstream()`` (:class:`StatusBucketHost`),
+such as a connected :class:`~commandnet.adapters.nats.JetStreamBus`.
 """
 
 from __future__ import annotations
@@ -21,12 +32,13 @@ import contextlib
 import json
 import logging
 import re
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import nats
 import nats.errors
@@ -39,9 +51,7 @@ from typing_extensions import override
 
 from ..errors import CommandNetError
 from ..observer import Observer, StatusInfo
-
-if TYPE_CHECKING:
-    from .nats import JetStreamBus
+from .connection import NatsAuth, server_address, split_nats_servers
 
 log = logging.getLogger("commandnet.nats")
 
@@ -109,35 +119,64 @@ def _order(value: dict[str, Any]) -> tuple[int, bool]:
     return int(value["step"]), value["status"] != "running"
 
 
+class StatusBucketHost(Protocol):
+    """What the status observer needs from a bus: its pool, bucket, replicas and JetStream."""
+
+    @property
+    def pool(self) -> str:
+        """The worker pool: keys are ``<pool>.<agent>``."""
+
+    @property
+    def status_bucket(self) -> str:
+        """The KV bucket's name."""
+
+    @property
+    def replicas(self) -> int:
+        """Replicas of the bucket, should the observer have to create it."""
+
+    def jetstream(self) -> JetStreamContext:
+        """The connected JetStream context (raises when not connected)."""
+
+
 class JetStreamStatusObserver(Observer):
     """Mirrors each agent's latest status of the bus's pool into the bus's status bucket.
 
     Statuses are buffered and written in the background every ``flush_interval`` seconds, many
     writes in flight at once: a step never waits for the bucket, and an agent that moved several
     times within one interval costs one write (its latest status). ``close()`` (called by
-    ``Engine.stop``) writes what is left. Failures are logged, never raised: the transition is
-    committed already, and the store is the truth. Each write is a compare-and-set that never
+    ``Engine.stop``) writes what is left. Failures are never raised (the transition is
+    committed already, and the store is the truth): a failed write stays buffered and is
+    retried with backoff (see the module docstring). Each write is a compare-and-set that never
     moves a key back to an earlier step.
     """
 
-    def __init__(self, bus: JetStreamBus, cache_size: int = 10_000, flush_interval: float = 0.25,
-                 max_concurrency: int = 64) -> None:
+    def __init__(self, bus: StatusBucketHost, cache_size: int = 10_000,
+                 flush_interval: float = 0.25, max_concurrency: int = 64, *,
+                 max_pending: int = 100_000, retry_for: float = 300.0,
+                 max_backoff: float = 5.0) -> None:
         self.bus = bus
         self.flush_interval = flush_interval
+        self.max_pending = max_pending
+        self.retry_for = retry_for
+        self.max_backoff = max_backoff
+        self.dropped = 0  # statuses given up on (retry_for exceeded, or evicted from a full buffer)
         self._kv: KeyValue | None = None
         self._js: JetStreamContext | None = None
+        self._bind = asyncio.Lock()
         self._revisions: OrderedDict[str, int] = OrderedDict()
         self._cache_size = cache_size
         self._pending: dict[str, dict[str, Any]] = {}
+        self._failing: dict[str, float] = {}  # key -> monotonic time of its first failed write
         self._slots = asyncio.Semaphore(max_concurrency)
         self._flusher: asyncio.Task[None] | None = None
 
     async def _bucket(self) -> KeyValue:
-        js = self.bus._jsc()
-        if self._kv is None or self._js is not js:  # first use, or the bus reconnected anew
-            self._kv = await ensure_bucket(js, self.bus.status_bucket, self.bus.replicas)
-            self._js = js
-        return self._kv
+        async with self._bind:
+            js = self.bus.jetstream()
+            if self._kv is None or self._js is not js:  # first use, reconnected, or failing
+                self._kv = await ensure_bucket(js, self.bus.status_bucket, self.bus.replicas)
+                self._js = js
+            return self._kv
 
     def _remember(self, key: str, revision: int, final: bool) -> None:
         self._revisions.pop(key, None)
@@ -157,37 +196,86 @@ class JetStreamStatusObserver(Observer):
         old = self._pending.get(key)
         if old is None or _order(value) >= _order(old):
             self._pending[key] = value
+            self._failing.pop(key, None)  # a new status gets its own retry period
+        while len(self._pending) > self.max_pending:  # bounded: the oldest entry goes
+            evicted = next(iter(self._pending))
+            del self._pending[evicted]
+            self._failing.pop(evicted, None)
+            self.dropped += 1
+            log.warning("status buffer full (%d keys; bucket %r unreachable?): dropped the "
+                        "status of %r; the store's resync writes it later", self.max_pending,
+                        self.bus.status_bucket, evicted)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_loop(), name="commandnet-status")
 
     async def _flush_loop(self) -> None:
+        delay = self.flush_interval
         while self._pending:
-            await asyncio.sleep(self.flush_interval)
-            await self.flush()
+            await asyncio.sleep(delay)
+            if await self.flush():
+                delay = self.flush_interval
+            else:  # back off while the bucket fails, up to max_backoff
+                delay = min(max(delay * 2, self.flush_interval), self.max_backoff)
 
-    async def flush(self) -> None:
-        """Write every buffered status now (concurrently)."""
+    async def flush(self) -> bool:
+        """Write every buffered status now (concurrently); True when none failed.
+
+        A failed write goes back into the buffer for the next flush, unless a later status of
+        its key arrived meanwhile or the key has failed for over ``retry_for`` seconds.
+        """
         batch, self._pending = self._pending, {}
-        await asyncio.gather(*(self._write_logged(key, value) for key, value in batch.items()))
+        results = await asyncio.gather(*(self._write_logged(key, value)
+                                         for key, value in batch.items()))
+        now = time.monotonic()
+        failed = 0
+        first = ""
+        for (key, value), error in zip(batch.items(), results, strict=True):
+            if error is None:
+                self._failing.pop(key, None)
+                continue
+            failed += 1
+            first = first or f"agent {value['agent_id']!r} step {value['step']}: {error}"
+            since = self._failing.setdefault(key, now)
+            if now - since > self.retry_for:
+                self._failing.pop(key, None)
+                self.dropped += 1
+                log.error("status of agent %r (step %d) not written to bucket %r for %.0fs: "
+                          "given up; the store's resync writes it later", value["agent_id"],
+                          value["step"], self.bus.status_bucket, now - since)
+                continue
+            newer = self._pending.get(key)
+            if newer is None:
+                self._pending[key] = value
+            elif _order(value) > _order(newer):  # never let the retry replace a later status
+                self._pending[key] = value
+        if failed:
+            log.warning("%d status write(s) to bucket %r failed; retrying (first: %s)",
+                        failed, self.bus.status_bucket, first)
+            self._kv = None  # bind again (re-creating a bucket the server lost) next time
+        return failed == 0
 
     @override
     async def close(self) -> None:
-        """Write what is buffered and stop the background writer."""
+        """Write what is buffered (one more attempt) and stop the background writer."""
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
             self._flusher = None
-        await self.flush()
+        if not await self.flush():
+            log.error("%d status(es) not written to bucket %r at close; the store's resync "
+                      "writes them later", len(self._pending), self.bus.status_bucket)
+        self._pending.clear()
+        self._failing.clear()
 
-    async def _write_logged(self, key: str, value: dict[str, Any]) -> None:
+    async def _write_logged(self, key: str, value: dict[str, Any]) -> str | None:
+        """Write; None when done, else the error (described) for the caller to retry."""
         async with self._slots:
             try:
                 await self.write(key, value)
             except Exception as exc:
-                log.warning("status of agent %r (step %d) not written to bucket %r: %s: %s",
-                            value["agent_id"], value["step"], self.bus.status_bucket,
-                            type(exc).__name__, exc)
+                return f"{type(exc).__name__}: {exc}"
+            return None
 
     async def write(self, key: str, value: dict[str, Any]) -> bool:
         """Store ``value`` unless the key holds a later status; True when written."""
@@ -231,11 +319,14 @@ class StatusUpdate:
 
 
 class StatusReader:
-    """Reads and watches the status bucket (the CLI's ``status``, the operator)."""
+    """Reads and watches the status bucket (the CLI's ``status``, the operator).
+
+    ``auth``: credentials and TLS, as for :class:`~.nats.JetStreamBus`.
+    """
 
     def __init__(self, servers: str | list[str], *, bucket: str = DEFAULT_BUCKET,
-                 connect_timeout: float = 5.0) -> None:
-        self.servers = [servers] if isinstance(servers, str) else list(servers)
+                 connect_timeout: float = 5.0, auth: NatsAuth | None = None) -> None:
+        self.servers, self.auth = split_nats_servers(servers, auth)
         self.bucket = bucket
         self.connect_timeout = connect_timeout
         self.nc: NatsClient | None = None
@@ -246,7 +337,12 @@ class StatusReader:
         self._reconnected.set()
 
     async def _on_error(self, exc: Exception) -> None:
-        log.warning("status reader: nats client error: %s", exc)
+        log.warning("status reader: nats client error (%s): %s: %s", self._where(),
+                    type(exc).__name__, exc)
+
+    def _where(self) -> str:
+        """The servers as ``host:port`` (never ``user:password@``)."""
+        return ", ".join(server_address(s) for s in self.servers)
 
     async def connect(self) -> None:
         """Connect and bind to the bucket; CommandNetError when it does not exist."""
@@ -255,12 +351,13 @@ class StatusReader:
                                          connect_timeout=max(1, int(self.connect_timeout)),
                                          max_reconnect_attempts=-1, reconnect_time_wait=1,
                                          reconnected_cb=self._on_reconnect,
-                                         error_cb=self._on_error)
+                                         error_cb=self._on_error,
+                                         **self.auth.connect_kwargs())
         try:
             self._kv = await self.nc.jetstream().key_value(self.bucket)
         except nats.js.errors.BucketNotFoundError:
             raise CommandNetError(
-                f"no status bucket {self.bucket!r} on {', '.join(self.servers)}: no worker "
+                f"no status bucket {self.bucket!r} on {self._where()}: no worker "
                 "has started on this bus yet") from None
 
     async def close(self) -> None:
@@ -342,7 +439,8 @@ def _update(entry: KeyValue.Entry, replay: bool) -> StatusUpdate:
 
 
 async def read_status(servers: str | list[str], pool: str, agent_id: str,
-                      bucket: str = DEFAULT_BUCKET) -> dict[str, Any] | None:
+                      bucket: str = DEFAULT_BUCKET,
+                      auth: NatsAuth | None = None) -> dict[str, Any] | None:
     """One agent's latest status from the bucket (connects, reads, disconnects)."""
-    async with StatusReader(servers, bucket=bucket) as reader:
+    async with StatusReader(servers, bucket=bucket, auth=auth) as reader:
         return await reader.get_status(agent_id, pool)

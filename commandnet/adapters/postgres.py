@@ -44,6 +44,7 @@ from ..records import (
     LeaseState,
     NewAgent,
     OutboxEntry,
+    SweepClaim,
 )
 
 # pg_advisory_xact_lock key for migrations: "cmdnet" in ASCII, shared by every commandnet worker.
@@ -58,24 +59,27 @@ def _epoch(column: str) -> str:
 _RECORD = (
     "agent_id, node, step, status, context, start_node, initial_context, attempts, error, "
     f"lease_owner, {_epoch('lease_until')} AS lease_until, {_epoch('created_at')} AS created_at, "
-    f"{_epoch('updated_at')} AS updated_at"
+    f"{_epoch('updated_at')} AS updated_at, pool, crashes"
 )
 _FENCE = "agent_id = $1 AND step = $2 AND status = 'running' AND lease_owner = $3"
 
 # One row: (true, NULL, NULL) when created, or (false, start_node, initial_context). No row
 # means a concurrent trigger of the same id was not yet visible to this statement's snapshot.
+# A cancel tombstone (empty start node) takes the request but stays cancelled, with no event.
 SQL_CREATE = """
 WITH ins AS (
     INSERT INTO agents (agent_id, node, step, status, context, start_node, initial_context,
-                        error, created_at, updated_at)
-    VALUES ($1, $2, 0, $3, $4::jsonb, $2, $4::jsonb, $5, now(), now())
-    ON CONFLICT (agent_id) DO NOTHING
-    RETURNING agent_id
+                        error, created_at, updated_at, pool)
+    VALUES ($1, $2, 0, $3, $4::jsonb, $2, $4::jsonb, $5, now(), now(), $6)
+    ON CONFLICT (agent_id) DO UPDATE SET node = $2, start_node = $2, context = $4::jsonb,
+        initial_context = $4::jsonb
+    WHERE agents.start_node = ''
+    RETURNING agent_id, status
 ), event AS (
     INSERT INTO outbox (agent_id, step, created_at)
-    SELECT agent_id, 0, now() FROM ins WHERE $3 = 'running'
+    SELECT agent_id, 0, now() FROM ins WHERE status = 'running'
 )
-SELECT true AS created, NULL::text AS start_node, NULL::jsonb AS initial_context FROM ins
+SELECT status = $3 AS created, $2 AS start_node, $4::jsonb AS initial_context FROM ins
 UNION ALL
 SELECT false, start_node, initial_context FROM agents
 WHERE agent_id = $1 AND NOT EXISTS (SELECT 1 FROM ins)
@@ -87,16 +91,21 @@ SQL_EXISTING = "SELECT start_node, initial_context FROM agents WHERE agent_id = 
 # redelivery then sees the truth).
 SQL_LEASE = f"""
 WITH granted AS (
-    UPDATE agents SET lease_owner = $3, lease_until = now() + $4::float8 * interval '1 second'
-    WHERE agent_id = $1 AND step = $2 AND status = 'running'
+    UPDATE agents SET lease_owner = $3, lease_until = now() + $4::float8 * interval '1 second',
+        attempts = attempts + 1 - (lease_owner IS NOT NULL AND NOT lease_alone)::int,
+        crashes = crashes + (lease_owner IS NOT NULL)::int,
+        lease_alone = $6 AND (crashes > 0 OR lease_owner IS NOT NULL)
+    WHERE agent_id = $1 AND step = $2 AND status = 'running' AND pool = $5
       AND (lease_until IS NULL OR lease_until <= now())
     RETURNING {_RECORD}
 )
 SELECT 'granted' AS state, 0.0::float8 AS retry_after, granted.* FROM granted
 UNION ALL
-SELECT CASE WHEN a.status <> 'running' OR a.step <> $2 THEN 'stale' ELSE 'busy' END,
+SELECT CASE WHEN a.pool <> $5 THEN 'foreign'
+            WHEN a.status <> 'running' OR a.step <> $2 THEN 'stale' ELSE 'busy' END,
        greatest(coalesce({_epoch('a.lease_until - now()')}, 0.0), 0.0),
-       NULL, NULL, NULL, NULL, NULL::jsonb, NULL, NULL::jsonb, NULL, NULL, NULL, NULL, NULL, NULL
+       NULL, NULL, NULL, NULL, NULL::jsonb, NULL, NULL::jsonb, NULL, NULL, NULL, NULL, NULL, NULL,
+       NULL, NULL
 FROM agents a
 WHERE a.agent_id = $1 AND NOT EXISTS (SELECT 1 FROM granted)
 """
@@ -113,7 +122,7 @@ WITH moved AS (
     UPDATE agents SET
         node = coalesce($5::text, node), step = $2 + 1,
         status = CASE WHEN $5::text IS NULL THEN 'succeeded' ELSE 'running' END,
-        context = $6::jsonb, attempts = 0, error = NULL, lease_owner = NULL,
+        context = $6::jsonb, attempts = 0, crashes = 0, error = NULL, lease_owner = NULL,
         lease_until = NULL, updated_at = now()
     WHERE {_FENCE}
     RETURNING agent_id
@@ -135,12 +144,20 @@ UPDATE agents SET
 WHERE {_FENCE} RETURNING true
 """
 
-SQL_RELEASE = f"UPDATE agents SET lease_owner = NULL, lease_until = NULL WHERE {_FENCE}"
+SQL_RELEASE = f"""
+UPDATE agents SET lease_owner = NULL, lease_until = NULL, attempts = greatest(attempts - 1, 0)
+WHERE {_FENCE}
+"""
 
+# A running agent is cancelled; an unknown id gets a tombstone its trigger will respect.
 SQL_CANCEL = """
-UPDATE agents SET status = 'cancelled', error = $2, lease_owner = NULL, lease_until = NULL,
-                  updated_at = now()
-WHERE agent_id = $1 AND status = 'running' RETURNING true
+INSERT INTO agents (agent_id, node, step, status, context, start_node, initial_context, error,
+                    created_at, updated_at, pool)
+VALUES ($1, '', 0, 'cancelled', '{}'::jsonb, '', '{}'::jsonb, $2, now(), now(), $3)
+ON CONFLICT (agent_id) DO UPDATE SET status = 'cancelled', error = $2, lease_owner = NULL,
+    lease_until = NULL, updated_at = now()
+WHERE agents.status = 'running'
+RETURNING true
 """
 
 SQL_GET = f"SELECT {_RECORD} FROM agents WHERE agent_id = $1"
@@ -151,20 +168,49 @@ FROM history WHERE agent_id = $1 ORDER BY step
 """
 
 SQL_PENDING = f"""
-SELECT agent_id, step, {_epoch('created_at')} AS created_at FROM outbox
-WHERE created_at <= now() - $1::float8 * interval '1 second'
-ORDER BY created_at LIMIT $2
+SELECT o.agent_id, o.step, {_epoch('o.created_at')} AS created_at
+FROM outbox o JOIN agents a USING (agent_id)
+WHERE o.created_at <= now() - $1::float8 * interval '1 second' AND ($3::text IS NULL OR a.pool = $3)
+ORDER BY o.created_at LIMIT $2
 """
 
 SQL_CLEAR = """
 DELETE FROM outbox WHERE (agent_id, step) IN (SELECT * FROM unnest($1::text[], $2::int[]))
 """
 
+# Claims what it returns (republished_at), skipping rows another sweeper is claiming.
+# {pool} is "pool = $3" (the engine's case, served by the index) or "$3::text IS NULL".
 SQL_STALLED = f"""
-SELECT agent_id, step, {_epoch('updated_at')} AS created_at FROM agents
-WHERE status = 'running' AND (lease_until IS NULL OR lease_until <= now())
-  AND updated_at <= now() - $1::float8 * interval '1 second'
-ORDER BY updated_at LIMIT $2
+WITH found AS (
+    SELECT agent_id FROM agents
+    WHERE status = 'running' AND {{pool}}
+      AND (lease_until IS NULL OR lease_until <= now())
+      AND updated_at <= now() - $1::float8 * interval '1 second'
+      AND (republished_at IS NULL OR republished_at <= now() - $1::float8 * interval '1 second')
+    ORDER BY updated_at LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE agents a SET republished_at = now() FROM found WHERE a.agent_id = found.agent_id
+RETURNING a.agent_id, a.step, {_epoch('a.updated_at')} AS created_at
+"""
+
+SQL_CLAIM_SWEEP = f"""
+INSERT INTO sweeps (pool, owner, until) VALUES ($1, $2, now() + $3::float8 * interval '1 second')
+ON CONFLICT (pool) DO UPDATE SET owner = $2, until = now() + $3::float8 * interval '1 second'
+WHERE sweeps.owner = $2 OR sweeps.until <= now()
+RETURNING {_epoch('now()')} AS now, {_epoch('resynced_until')} AS resynced_until
+"""
+
+SQL_MARK_RESYNCED = "UPDATE sweeps SET resynced_until = to_timestamp($2) WHERE pool = $1"
+
+# The keyset compares epoch floats exactly as they are returned (to_timestamp() of a float
+# may round a microsecond); the plain range lets the index find the start.
+SQL_CHANGED = f"""
+SELECT {_RECORD} FROM agents
+WHERE pool = $1 AND updated_at >= to_timestamp($2) - interval '1 millisecond'
+  AND ({_epoch('updated_at')}, agent_id) > ($2::float8, $3::text)
+  AND updated_at <= to_timestamp($4)
+ORDER BY updated_at, agent_id LIMIT $5
 """
 
 
@@ -298,7 +344,7 @@ def _record(row: asyncpg.Record) -> AgentRecord:
         start_node=row["start_node"], initial_context=row["initial_context"],
         attempts=row["attempts"], error=row["error"], lease_owner=row["lease_owner"],
         lease_until=row["lease_until"], created_at=row["created_at"],
-        updated_at=row["updated_at"],
+        updated_at=row["updated_at"], pool=row["pool"], crashes=row["crashes"],
     )
 
 
@@ -400,7 +446,8 @@ class PostgresPersistence(Persistence):
     async def create_agent(self, agent: NewAgent) -> bool:
         try:
             row = await self.pool.fetchrow(SQL_CREATE, agent.agent_id, agent.start_node,
-                                           agent.status.value, agent.context, agent.error)
+                                           agent.status.value, agent.context, agent.error,
+                                           agent.pool)
         except asyncpg.DataError as exc:
             raise _unstorable(agent.agent_id, agent.start_node, exc) from exc
         if row is None:  # a concurrent trigger committed after our snapshot: read it now
@@ -418,10 +465,11 @@ class PostgresPersistence(Persistence):
 
     @override
     async def load_and_lock_agent(
-        self, agent_id: str, step: int, owner: str, lease_seconds: float
+        self, agent_id: str, step: int, owner: str, lease_seconds: float, pool: str = "default",
+        alone: bool = False,
     ) -> Lease:
         row = await self.soft_pool.fetchrow(SQL_LEASE, agent_id, step, owner,
-                                           float(lease_seconds))
+                                           float(lease_seconds), pool, alone)
         if row is None:
             return Lease(LeaseState.MISSING)
         state = LeaseState(row["state"])
@@ -461,8 +509,8 @@ class PostgresPersistence(Persistence):
         await self.soft_pool.execute(SQL_RELEASE, agent_id, step, owner)
 
     @override
-    async def cancel_agent(self, agent_id: str, reason: str) -> bool:
-        return bool(await self.pool.fetchval(SQL_CANCEL, agent_id, reason))
+    async def cancel_agent(self, agent_id: str, reason: str, pool: str = "default") -> bool:
+        return bool(await self.pool.fetchval(SQL_CANCEL, agent_id, reason, pool))
 
     @override
     async def get_agent(self, agent_id: str) -> AgentRecord | None:
@@ -476,8 +524,10 @@ class PostgresPersistence(Persistence):
                               r["attempts"], r["duration"], r["at"]) for r in rows]
 
     @override
-    async def pending_outbox(self, older_than: float, limit: int) -> list[OutboxEntry]:
-        rows = await self.soft_pool.fetch(SQL_PENDING, float(older_than), limit)
+    async def pending_outbox(
+        self, older_than: float, limit: int, pool: str | None = None
+    ) -> list[OutboxEntry]:
+        rows = await self.soft_pool.fetch(SQL_PENDING, float(older_than), limit, pool)
         return [OutboxEntry(r["agent_id"], r["step"], r["created_at"]) for r in rows]
 
     @override
@@ -490,6 +540,27 @@ class PostgresPersistence(Persistence):
                                      [e.step for e in entries])
 
     @override
-    async def stalled_agents(self, older_than: float, limit: int) -> list[OutboxEntry]:
-        rows = await self.soft_pool.fetch(SQL_STALLED, float(older_than), limit)
-        return [OutboxEntry(r["agent_id"], r["step"], r["created_at"]) for r in rows]
+    async def stalled_agents(
+        self, older_than: float, limit: int, pool: str | None = None
+    ) -> list[OutboxEntry]:
+        sql = SQL_STALLED.format(pool="$3::text IS NULL" if pool is None else "pool = $3")
+        rows = await self.soft_pool.fetch(sql, float(older_than), limit, pool)
+        found = [OutboxEntry(r["agent_id"], r["step"], r["created_at"]) for r in rows]
+        return sorted(found, key=lambda e: e.created_at)
+
+    @override
+    async def claim_sweep(self, pool: str, owner: str, seconds: float) -> SweepClaim | None:
+        row = await self.soft_pool.fetchrow(SQL_CLAIM_SWEEP, pool, owner, float(seconds))
+        return None if row is None else SweepClaim(row["now"], row["resynced_until"])
+
+    @override
+    async def mark_resynced(self, pool: str, until: float) -> None:
+        await self.soft_pool.execute(SQL_MARK_RESYNCED, pool, float(until))
+
+    @override
+    async def changed_agents(
+        self, pool: str, after: tuple[float, str], until: float, limit: int
+    ) -> list[AgentRecord]:
+        rows = await self.pool.fetch(SQL_CHANGED, pool, float(after[0]), after[1], float(until),
+                                     limit)
+        return [_record(r) for r in rows]

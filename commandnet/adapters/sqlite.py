@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 
 from typing_extensions import override
 
-from ..errors import CommandNetError, TriggerConflictError
+from ..errors import CommandNetError, StoreUnavailableError, TriggerConflictError
 from ..persistence import Persistence
 from ..records import (
     AgentRecord,
@@ -30,10 +30,11 @@ from ..records import (
     LeaseState,
     NewAgent,
     OutboxEntry,
+    SweepClaim,
 )
 
 T = TypeVar("T")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS agents (
     agent_id        TEXT PRIMARY KEY,
@@ -50,7 +51,6 @@ CREATE TABLE IF NOT EXISTS agents (
     created_at      REAL NOT NULL,
     updated_at      REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS agents_running ON agents (updated_at) WHERE status = 'running';
 CREATE TABLE IF NOT EXISTS history (
     agent_id  TEXT NOT NULL,
     step      INTEGER NOT NULL,
@@ -68,8 +68,24 @@ CREATE TABLE IF NOT EXISTS outbox (
     PRIMARY KEY (agent_id, step)
 ) WITHOUT ROWID;
 """
+# Version 2: pools, crash counting, recorded re-publishes, the pool's sweeper and resync mark.
+SCHEMA_2 = """
+ALTER TABLE agents ADD COLUMN pool TEXT NOT NULL DEFAULT 'default';
+ALTER TABLE agents ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE agents ADD COLUMN republished_at REAL;
+ALTER TABLE agents ADD COLUMN lease_alone INTEGER NOT NULL DEFAULT 0;
+DROP INDEX IF EXISTS agents_running;
+CREATE INDEX agents_running ON agents (pool, updated_at) WHERE status = 'running';
+CREATE INDEX agents_changed ON agents (pool, updated_at, agent_id);
+CREATE TABLE sweeps (
+    pool           TEXT PRIMARY KEY,
+    owner          TEXT NOT NULL,
+    until          REAL NOT NULL,
+    resynced_until REAL
+);
+"""
 _COLUMNS = ("agent_id, node, step, status, context, start_node, initial_context, attempts, "
-            "error, lease_owner, lease_until, created_at, updated_at")
+            "error, lease_owner, lease_until, created_at, updated_at, pool, crashes")
 _FENCE = "agent_id = ? AND step = ? AND status = 'running' AND lease_owner = ?"
 
 
@@ -107,7 +123,7 @@ class SQLitePersistence(Persistence):
                 f"understands ({SCHEMA_VERSION}); upgrade commandnet"
             )
         if version < SCHEMA_VERSION:
-            await self._write(_migrate)
+            await self._write(lambda db: _migrate(db, version))
 
     @override
     async def close(self) -> None:
@@ -134,7 +150,7 @@ class SQLitePersistence(Persistence):
                 if "locked" not in str(exc) and "busy" not in str(exc):
                     raise
                 if time.monotonic() > deadline:
-                    raise CommandNetError(
+                    raise StoreUnavailableError(
                         f"SQLite store {self.path!r} stayed locked for {self.lock_timeout}s"
                     ) from exc
                 await asyncio.sleep(delay)
@@ -157,6 +173,12 @@ class SQLitePersistence(Persistence):
         def body(db: sqlite3.Connection) -> bool:
             old = db.execute("SELECT start_node, initial_context FROM agents WHERE agent_id = ?",
                              (agent.agent_id,)).fetchone()
+            if old is not None and not old[0]:  # a cancel came first: fill in, stay cancelled
+                db.execute("UPDATE agents SET node = ?, start_node = ?, context = ?, "
+                           "initial_context = ? WHERE agent_id = ?",
+                           (agent.start_node, agent.start_node, context, context,
+                            agent.agent_id))
+                return False
             if old is not None:
                 old_context = json.loads(old[1])
                 if old[0] == agent.start_node and old_context == agent.context:
@@ -166,9 +188,9 @@ class SQLitePersistence(Persistence):
             now = self.clock()
             db.execute(
                 f"INSERT INTO agents ({_COLUMNS}) VALUES (?, ?, 0, ?, ?, ?, ?, 0, ?, NULL, NULL, "
-                "?, ?)",
+                "?, ?, ?, 0)",
                 (agent.agent_id, agent.start_node, agent.status.value, context, agent.start_node,
-                 context, agent.error, now, now),
+                 context, agent.error, now, now, agent.pool),
             )
             if agent.status is AgentStatus.RUNNING:
                 db.execute("INSERT INTO outbox VALUES (?, 0, ?)", (agent.agent_id, now))
@@ -178,23 +200,27 @@ class SQLitePersistence(Persistence):
 
     @override
     async def load_and_lock_agent(
-        self, agent_id: str, step: int, owner: str, lease_seconds: float
+        self, agent_id: str, step: int, owner: str, lease_seconds: float, pool: str = "default",
+        alone: bool = False,
     ) -> Lease:
-        now = self.clock()
-
         def body(db: sqlite3.Connection) -> Lease:
+            now = self.clock()  # after the lock: a lease granted after a wait lasts in full
             row = db.execute(
-                "UPDATE agents SET lease_owner = ?, lease_until = ? WHERE agent_id = ? AND "
-                "step = ? AND status = 'running' AND (lease_until IS NULL OR lease_until <= ?) "
-                f"RETURNING {_COLUMNS}",
-                (owner, now + lease_seconds, agent_id, step, now),
+                "UPDATE agents SET lease_owner = ?, lease_until = ?, attempts = attempts + 1 - "
+                "(lease_owner IS NOT NULL AND NOT lease_alone), crashes = crashes + "
+                "(lease_owner IS NOT NULL), lease_alone = ? AND (crashes > 0 OR lease_owner "
+                "IS NOT NULL) WHERE agent_id = ? AND step = ? AND status = 'running' AND "
+                f"pool = ? AND (lease_until IS NULL OR lease_until <= ?) RETURNING {_COLUMNS}",
+                (owner, now + lease_seconds, alone, agent_id, step, pool, now),
             ).fetchone()
             if row is not None:
                 return Lease(LeaseState.GRANTED, _record(row))
-            found = db.execute("SELECT step, status, lease_until FROM agents WHERE agent_id = ?",
-                               (agent_id,)).fetchone()
+            found = db.execute("SELECT step, status, lease_until, pool FROM agents "
+                               "WHERE agent_id = ?", (agent_id,)).fetchone()
             if found is None:
                 return Lease(LeaseState.MISSING)
+            if found[3] != pool:
+                return Lease(LeaseState.FOREIGN)
             if found[0] != step or found[1] != "running":
                 return Lease(LeaseState.STALE)
             return Lease(LeaseState.BUSY, retry_after=max(found[2] - now, 0.0))
@@ -205,10 +231,9 @@ class SQLitePersistence(Persistence):
     async def extend_lease(
         self, agent_id: str, step: int, owner: str, lease_seconds: float
     ) -> bool:
-        until = self.clock() + lease_seconds
         return await self._write(lambda db: db.execute(
-            f"UPDATE agents SET lease_until = ? WHERE {_FENCE}", (until, agent_id, step, owner)
-        ).rowcount == 1)
+            f"UPDATE agents SET lease_until = ? WHERE {_FENCE}",
+            (self.clock() + lease_seconds, agent_id, step, owner)).rowcount == 1)
 
     @override
     async def save_state(self, commit: Commit) -> bool:
@@ -219,8 +244,8 @@ class SQLitePersistence(Persistence):
             now = self.clock()
             updated = db.execute(
                 "UPDATE agents SET node = COALESCE(?, node), step = step + 1, status = ?, "
-                "context = ?, attempts = 0, error = NULL, lease_owner = NULL, lease_until = NULL, "
-                f"updated_at = ? WHERE {_FENCE}",
+                "context = ?, attempts = 0, crashes = 0, error = NULL, lease_owner = NULL, "
+                f"lease_until = NULL, updated_at = ? WHERE {_FENCE}",
                 (commit.to_node, "succeeded" if done else "running", context, now,
                  commit.agent_id, commit.step, commit.owner),
             ).rowcount
@@ -240,30 +265,40 @@ class SQLitePersistence(Persistence):
 
     @override
     async def record_failure(self, failure: Failure) -> bool:
-        now = self.clock()
-        return await self._write(lambda db: db.execute(
-            "UPDATE agents SET attempts = ?, error = ?, lease_owner = NULL, lease_until = ?, "
-            f"status = ?, updated_at = ? WHERE {_FENCE}",
-            (failure.attempts, failure.error, None if failure.final else now + failure.retry_in,
-             "failed" if failure.final else "running", now, failure.agent_id, failure.step,
-             failure.owner),
-        ).rowcount == 1)
+        def body(db: sqlite3.Connection) -> bool:
+            now = self.clock()
+            return db.execute(
+                "UPDATE agents SET attempts = ?, error = ?, lease_owner = NULL, lease_until = ?, "
+                f"status = ?, updated_at = ? WHERE {_FENCE}",
+                (failure.attempts, failure.error,
+                 None if failure.final else now + failure.retry_in,
+                 "failed" if failure.final else "running", now, failure.agent_id, failure.step,
+                 failure.owner),
+            ).rowcount == 1
+
+        return await self._write(body)
 
     @override
     async def release_lease(self, agent_id: str, step: int, owner: str) -> None:
         await self._write(lambda db: db.execute(
-            f"UPDATE agents SET lease_owner = NULL, lease_until = NULL WHERE {_FENCE}",
-            (agent_id, step, owner),
+            "UPDATE agents SET lease_owner = NULL, lease_until = NULL, "
+            f"attempts = max(attempts - 1, 0) WHERE {_FENCE}", (agent_id, step, owner),
         ))
 
     @override
-    async def cancel_agent(self, agent_id: str, reason: str) -> bool:
-        now = self.clock()
-        return await self._write(lambda db: db.execute(
-            "UPDATE agents SET status = 'cancelled', error = ?, lease_owner = NULL, "
-            "lease_until = NULL, updated_at = ? WHERE agent_id = ? AND status = 'running'",
-            (reason, now, agent_id),
-        ).rowcount == 1)
+    async def cancel_agent(self, agent_id: str, reason: str, pool: str = "default") -> bool:
+        def body(db: sqlite3.Connection) -> bool:
+            now = self.clock()
+            # A tombstone for an id not triggered yet (empty start node), else the update.
+            db.execute(
+                f"INSERT INTO agents ({_COLUMNS}) VALUES (?, '', 0, 'cancelled', '{{}}', '', "
+                "'{}', 0, ?, NULL, NULL, ?, ?, ?, 0) ON CONFLICT (agent_id) DO UPDATE SET "
+                "status = 'cancelled', error = excluded.error, lease_owner = NULL, "
+                "lease_until = NULL, updated_at = excluded.updated_at WHERE status = 'running'",
+                (agent_id, reason, now, now, pool))
+            return bool(db.execute("SELECT changes()").fetchone()[0])
+
+        return await self._write(body)
 
     @override
     async def get_agent(self, agent_id: str) -> AgentRecord | None:
@@ -279,10 +314,14 @@ class SQLitePersistence(Persistence):
         return [HistoryRecord(*row) for row in rows]
 
     @override
-    async def pending_outbox(self, older_than: float, limit: int) -> list[OutboxEntry]:
+    async def pending_outbox(
+        self, older_than: float, limit: int, pool: str | None = None
+    ) -> list[OutboxEntry]:
         rows = self.db.execute(
-            "SELECT agent_id, step, created_at FROM outbox WHERE created_at <= ? LIMIT ?",
-            (self.clock() - older_than, limit)).fetchall()
+            "SELECT o.agent_id, o.step, o.created_at FROM outbox o JOIN agents a USING "
+            "(agent_id) WHERE o.created_at <= ? AND (? IS NULL OR a.pool = ?) "
+            "ORDER BY o.created_at LIMIT ?",
+            (self.clock() - older_than, pool, pool, limit)).fetchall()
         return [OutboxEntry(*row) for row in rows]
 
     @override
@@ -293,21 +332,58 @@ class SQLitePersistence(Persistence):
                 [(e.agent_id, e.step) for e in entries]))
 
     @override
-    async def stalled_agents(self, older_than: float, limit: int) -> list[OutboxEntry]:
-        now = self.clock()
+    async def stalled_agents(
+        self, older_than: float, limit: int, pool: str | None = None
+    ) -> list[OutboxEntry]:
+        def body(db: sqlite3.Connection) -> list[OutboxEntry]:
+            now = self.clock()
+            rows = db.execute(
+                "UPDATE agents SET republished_at = ? WHERE agent_id IN (SELECT agent_id FROM "
+                "agents WHERE status = 'running' AND (? IS NULL OR pool = ?) AND "
+                "updated_at <= ? AND coalesce(republished_at, 0) <= ? AND "
+                "(lease_until IS NULL OR lease_until <= ?) ORDER BY updated_at LIMIT ?) "
+                "RETURNING agent_id, step, updated_at",
+                (now, pool, pool, now - older_than, now - older_than, now, limit)).fetchall()
+            return sorted((OutboxEntry(*row) for row in rows), key=lambda e: e.created_at)
+
+        return await self._write(body)
+
+    @override
+    async def claim_sweep(self, pool: str, owner: str, seconds: float) -> SweepClaim | None:
+        def body(db: sqlite3.Connection) -> SweepClaim | None:
+            now = self.clock()
+            row = db.execute(
+                "INSERT INTO sweeps (pool, owner, until) VALUES (?, ?, ?) ON CONFLICT (pool) "
+                "DO UPDATE SET owner = excluded.owner, until = excluded.until "
+                "WHERE sweeps.owner = excluded.owner OR sweeps.until <= ? "
+                "RETURNING resynced_until", (pool, owner, now + seconds, now)).fetchone()
+            return None if row is None else SweepClaim(now, row[0])
+
+        return await self._write(body)
+
+    @override
+    async def mark_resynced(self, pool: str, until: float) -> None:
+        await self._write(lambda db: db.execute(
+            "UPDATE sweeps SET resynced_until = ? WHERE pool = ?", (until, pool)))
+
+    @override
+    async def changed_agents(
+        self, pool: str, after: tuple[float, str], until: float, limit: int
+    ) -> list[AgentRecord]:
         rows = self.db.execute(
-            "SELECT agent_id, step, updated_at FROM agents WHERE status = 'running' AND "
-            "updated_at <= ? AND (lease_until IS NULL OR lease_until <= ?) LIMIT ?",
-            (now - older_than, now, limit)).fetchall()
-        return [OutboxEntry(*row) for row in rows]
+            f"SELECT {_COLUMNS} FROM agents WHERE pool = ? AND (updated_at, agent_id) > (?, ?) "
+            "AND updated_at <= ? ORDER BY updated_at, agent_id LIMIT ?",
+            (pool, after[0], after[1], until, limit)).fetchall()
+        return [_record(row) for row in rows]
 
 
 
-def _migrate(db: sqlite3.Connection) -> None:
+def _migrate(db: sqlite3.Connection, version: int) -> None:
     # executescript() would commit the surrounding transaction; run statement by statement.
-    for statement in SCHEMA.split(";"):
-        if statement.strip():
-            db.execute(statement)
+    for script in (SCHEMA, SCHEMA_2)[version:]:
+        for statement in script.split(";"):
+            if statement.strip():
+                db.execute(statement)
     db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
 
@@ -316,5 +392,5 @@ def _record(row: Sequence[Any]) -> AgentRecord:
         agent_id=row[0], node=row[1], step=row[2], status=AgentStatus(row[3]),
         context=json.loads(row[4]), start_node=row[5], initial_context=json.loads(row[6]),
         attempts=row[7], error=row[8], lease_owner=row[9], lease_until=row[10],
-        created_at=row[11], updated_at=row[12],
+        created_at=row[11], updated_at=row[12], pool=row[13], crashes=row[14],
     )

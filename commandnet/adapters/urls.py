@@ -15,8 +15,9 @@ from ..errors import CommandNetError
 from ..persistence import Persistence
 
 
-def store_from_url(url: str) -> Persistence:
-    """A Persistence for ``url``."""
+def store_from_url(url: str, **options: Any) -> Persistence:
+    """A Persistence for ``url``; ``options`` (``password``, ``ssl``, ``min_size``, ...) go to
+    PostgresPersistence and are ignored by the other stores."""
     scheme = urlparse(url).scheme
     if scheme == "memory":
         from .memory import InMemoryPersistence
@@ -32,12 +33,13 @@ def store_from_url(url: str) -> Persistence:
     if scheme in ("postgres", "postgresql"):
         from .postgres import PostgresPersistence
 
-        return PostgresPersistence(url)
+        return PostgresPersistence(url, **options)
     raise CommandNetError(f"unsupported store URL {url!r} (memory://, sqlite:///, postgresql://)")
 
 
 def bus_from_url(url: str, pool: str = "default", **options: Any) -> EventBus:
-    """An EventBus for ``url`` serving worker pool ``pool``; ``options`` go to JetStreamBus."""
+    """An EventBus for ``url`` serving worker pool ``pool``; ``options`` (``auth``, ...) go to
+    JetStreamBus."""
     scheme = urlparse(url).scheme
     if scheme == "memory":
         from .memory import InMemoryEventBus

@@ -80,13 +80,15 @@ async def _connect(kind: str, url: str, connect: Awaitable[None], within: float)
 
 
 def _shared_bus(conn: ConnectionSettings) -> EventBus:
-    """The pool's bus; a memory:// bus is refused, since no other process could see it."""
+    """The pool's bus, publish-only: a client never creates or changes streams, consumers or
+    buckets. A memory:// bus is refused, since no other process could see it."""
     if urlsplit(conn.bus_url).scheme == "memory":
         raise click.UsageError(
             "--bus memory:// lives inside one process, so no worker would see this command; "
             "give the workers' bus, e.g. --bus nats://127.0.0.1:4222 (or COMMANDNET_BUS_URL)")
     try:
-        return bus_from_url(conn.bus_dsn(), conn.pool)
+        url, connection = conn.bus_connection()  # credentials and TLS, never in the URL
+        return bus_from_url(url, conn.pool, manage=False, **connection)
     except CommandNetError as exc:
         raise click.UsageError(redact(str(exc), conn.secrets())) from None
 
@@ -99,6 +101,9 @@ async def _publish(conn: ConnectionSettings, bus: EventBus,
     except TimeoutError:
         raise CommandNetError(f"publishing the {message.kind} command for agent "
                               f"{message.agent_id!r} to pool {conn.pool!r} timed out") from None
+    except ConnectionError as exc:  # BusPublishError: no stream (no worker yet), server gone
+        raise CommandNetError(f"the {message.kind} command for agent {message.agent_id!r} "
+                              f"was not published: {exc}") from None
     finally:
         await bus.close()
 
@@ -206,7 +211,9 @@ async def _status_from_kv(conn: ConnectionSettings, agent_id: str,
     from ..adapters.nats import read_status
 
     try:
-        found = await asyncio.wait_for(read_status(conn.bus_dsn(), conn.pool, agent_id), within)
+        url, connection = conn.bus_connection()
+        found = await asyncio.wait_for(
+            read_status(url, conn.pool, agent_id, auth=connection.get("auth")), within)
     except TimeoutError:
         raise CommandNetError(f"cannot reach the bus at {mask_url(conn.bus_url)} within "
                               f"{within:g}s") from None
@@ -248,7 +255,8 @@ def _open_store(conn: ConnectionSettings) -> Persistence:
             raise CommandNetError(f"no SQLite store at {str(path)!r} "
                                   f"(from {conn.store_url!r}); is --store right?")
         return probe
-    store = store_from_url(conn.store_dsn())
+    url, connection = conn.store_connection()
+    store = store_from_url(url, **connection)
     if hasattr(store, "apply_migrations"):  # PostgreSQL: a read must never migrate the schema
         store.apply_migrations = False
     return store

@@ -7,7 +7,7 @@ import json
 import click
 
 from ..graph import GraphAnalyzer
-from .loading import GraphLoadError, load_graph
+from ..loading import GraphLoadError, load_graph
 
 
 @click.command()

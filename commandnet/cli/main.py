@@ -16,6 +16,7 @@ COMMANDS = {
     "cancel": "commandnet.cli.agents:cancel",
     "status": "commandnet.cli.agents:status",
     "migrate": "commandnet.cli.migrate:migrate",
+    "pools": "commandnet.cli.pools:pools",
 }
 
 

@@ -4,7 +4,8 @@ For PostgreSQL it applies the numbered migrations not yet recorded in ``schema_m
 (under an advisory lock, so a Helm hook, an init container and starting workers may race
 safely) and prints what it did; other stores create their schema as their ``setup`` does.
 The URL comes from ``--store`` or ``COMMANDNET_STORE_URL``; a password from
-``COMMANDNET_STORE_PASSWORD`` (a Kubernetes Secret) is spliced in, never printed.
+``COMMANDNET_STORE_PASSWORD`` (a Kubernetes Secret) and the ``COMMANDNET_STORE_SSL*`` settings
+are passed to the driver as they are for the worker, never printed.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from ..errors import CommandNetError
 from ..worker.settings import ConnectionSettings, mask_url
 
 
-async def _migrate_postgres(dsn: str, timeout: float) -> tuple[list[int], int]:
+async def _migrate_postgres(dsn: str, timeout: float, password: str | None = None,
+                            ssl: str | None = None) -> tuple[list[int], int]:
     import asyncpg  # type: ignore[import-untyped]
 
     from ..adapters.postgres import apply_migrations, migrations
 
-    conn = await asyncpg.connect(dsn, timeout=timeout)
+    conn = await asyncpg.connect(dsn, timeout=timeout, password=password, ssl=ssl)
     try:
         applied = await apply_migrations(conn)
     finally:
@@ -49,13 +51,14 @@ def migrate(store_url: str | None, connect_timeout: float) -> None:
     """Create or upgrade the store schema (safe to run again, and from many places at once)."""
     try:
         settings = ConnectionSettings(store_url=store_url) if store_url else ConnectionSettings()
-        dsn = settings.store_dsn()
+        dsn, connection = settings.store_connection()
     except (CommandNetError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     shown = mask_url(settings.store_url)
     try:
         if urlsplit(dsn).scheme in ("postgres", "postgresql"):
-            applied, newest = asyncio.run(_migrate_postgres(dsn, connect_timeout))
+            applied, newest = asyncio.run(_migrate_postgres(
+                dsn, connect_timeout, connection.get("password"), connection.get("ssl")))
             if applied:
                 names = ", ".join(f"{v:03d}" for v in applied)
                 click.echo(f"{shown}: applied migration(s) {names}; schema at version {newest}")

@@ -11,10 +11,10 @@ from prometheus_client import disable_created_metrics
 from pydantic import ValidationError
 
 from ..errors import CommandNetError
+from ..loading import GraphLoadError
 from ..worker.logs import redact, setup_logging
 from ..worker.process import Worker
 from ..worker.settings import WorkerSettings, load_settings
-from .loading import GraphLoadError
 
 # settings field -> its flag, for error messages
 _FLAGS = {
@@ -25,6 +25,7 @@ _FLAGS = {
     "http_port": "--http-port", "log_level": "--log-level", "log_format": "--log-format",
     "sweep_interval": "--sweep-interval", "outbox_grace": "--outbox-grace",
     "stall_after": "--stall-after", "ack_wait": "--ack-wait", "migrate": "--migrate/--no-migrate",
+    "dlq_max_bytes": "--dlq-max-bytes", "dlq_max_age": "--dlq-max-age",
 }
 
 
@@ -65,6 +66,12 @@ _FLAGS = {
               help="Re-publish outbox rows older than this [COMMANDNET_OUTBOX_GRACE; 5]")
 @click.option("--ack-wait", type=float,
               help="JetStream redelivery wait for unacknowledged steps [COMMANDNET_ACK_WAIT; 30]")
+@click.option("--dlq-max-bytes", type=int,
+              help="Dead-letter stream size limit, oldest dropped first; 0: none "
+                   "[COMMANDNET_DLQ_MAX_BYTES; 268435456]")
+@click.option("--dlq-max-age", type=float,
+              help="Seconds a dead letter is kept; 0: no limit "
+                   "[COMMANDNET_DLQ_MAX_AGE; 1209600]")
 @click.option("--stall-after", type=float,
               help="Re-publish the step of agents idle this long [COMMANDNET_STALL_AFTER; 300]")
 @click.option("--migrate/--no-migrate", default=None,

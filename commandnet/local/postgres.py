@@ -10,6 +10,13 @@ The server binaries come from ``$COMMANDNET_PG_BIN``, ``pg_config --bindir``, De
 ``/usr/lib/postgresql/<version>/bin``, then ``PATH``; when missing, the error names the package.
 PostgreSQL refuses to run as root, so under root the cluster runs as the ``postgres`` system user
 (or ``nobody``) and its folder must be reachable by that user (a fresh temporary folder is).
+
+For tests of production connection settings: ``password`` gives the superuser a password and
+makes TCP connections authenticate with SCRAM (``password_encryption=scram-sha-256``); ``tls``
+turns ``ssl=on`` with that server certificate (copied into the cluster folder, as PostgreSQL
+wants its key owned by the server's user), ``require_tls`` refuses TCP connections without TLS,
+``client_certs`` demands a client certificate signed by ``tls.ca`` as well. The unix socket
+keeps trust authentication, so the launcher's own tools (psql, pg_isready) need no secret.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import time
 from pathlib import Path
 
 from ..errors import CommandNetError
+from .certs import TlsFiles
 from .process import LocalServer, die_with_parent, free_port
 
 PACKAGE = "postgresql"
@@ -101,6 +109,10 @@ class PostgresServer(LocalServer):
         max_connections: int = 200,
         bin_dir: str | os.PathLike[str] | None = None,
         ready_timeout: float = 60.0,
+        password: str | None = None,
+        tls: TlsFiles | None = None,
+        require_tls: bool = False,
+        client_certs: bool = False,
     ) -> None:
         self.bin_dir = Path(bin_dir) if bin_dir else find_pg_bin()
         self._owns_dir = base_dir is None
@@ -115,6 +127,12 @@ class PostgresServer(LocalServer):
         self.max_connections = max_connections
         self.ready_timeout = ready_timeout
         self.user = _run_as()
+        self.password = password
+        self.tls = tls
+        self.require_tls = require_tls
+        self.client_certs = client_certs
+        if (require_tls or client_certs) and tls is None:
+            raise PostgresServerError("require_tls and client_certs need tls (a certificate)")
         self.process: subprocess.Popen[bytes] | None = None
 
     # ------------------------------------------------------------------ addresses
@@ -189,6 +207,8 @@ class PostgresServer(LocalServer):
             "shared_buffers": "128MB", "logging_collector": "off",
             "log_min_messages": "warning",
         }
+        if self.password is not None or self.tls is not None:
+            settings.update(self._auth_settings())
         args = [str(self.bin_dir / "postgres"), "-D", str(self.data_dir)]
         for key, value in settings.items():
             args += ["-c", f"{key}={value}"]
@@ -201,10 +221,45 @@ class PostgresServer(LocalServer):
             ))
         try:
             self._wait_ready()
+            if self.password is not None:
+                literal = self.password.replace("'", "''")
+                self._psql("postgres", "SET password_encryption = 'scram-sha-256'; "
+                           f"ALTER ROLE {SUPERUSER} PASSWORD '{literal}'", quiet_log=True)
         except BaseException:
             self.kill()
             raise
         return self
+
+    def _auth_settings(self) -> dict[str, str]:
+        """Write ``pg_hba.conf`` (and copy the TLS files) for the password/TLS options."""
+        method = "scram-sha-256" if self.password is not None else "trust"
+        cert = " clientcert=verify-ca" if self.client_certs else ""
+        lines = ["local all all trust"]
+        for net in ("127.0.0.1/32", "::1/128"):
+            if self.tls is not None:
+                lines.append(f"hostssl all all {net} {method}{cert}")
+            if self.require_tls:
+                lines.append(f"hostnossl all all {net} reject")
+            else:
+                lines.append(f"host all all {net} {method}")
+        hba = self.base_dir / "pg_hba.conf"
+        hba.write_text("\n".join(lines) + "\n")
+        self._chown(hba)
+        settings = {"hba_file": str(hba), "password_encryption": "scram-sha-256"}
+        if self.tls is not None:
+            folder = self.base_dir / "tls"
+            folder.mkdir(exist_ok=True)
+            self._chown(folder)
+            for name, source in (("server.crt", self.tls.cert), ("server.key", self.tls.key),
+                                 ("ca.crt", self.tls.ca)):
+                target = folder / name
+                shutil.copyfile(source, target)
+                os.chmod(target, 0o600)
+                self._chown(target)
+            settings.update(ssl="on", ssl_cert_file=str(folder / "server.crt"),
+                            ssl_key_file=str(folder / "server.key"),
+                            ssl_ca_file=str(folder / "ca.crt"))
+        return settings
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.ready_timeout
@@ -256,13 +311,14 @@ class PostgresServer(LocalServer):
             raise PostgresServerError(f"database name {name!r} must be letters, digits and _")
         self._psql("postgres", f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
-    def _psql(self, database: str, sql: str) -> str:
+    def _psql(self, database: str, sql: str, *, quiet_log: bool = False) -> str:
         result = subprocess.run(
             [str(self.bin_dir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h",
              str(self.socket_dir), "-p", str(self.port), "-U", SUPERUSER, "-d", database,
              "-c", sql], capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
-            raise PostgresServerError(f"psql {sql!r} failed: {result.stderr.strip()}")
+            shown = "a statement setting a password" if quiet_log else repr(sql)
+            raise PostgresServerError(f"psql {shown} failed: {result.stderr.strip()}")
         return result.stdout
 
 

@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
+from typing_extensions import override
 
 from ..adapters.memory import InMemoryPersistence
 from ..engine import Engine
 from ..graph import NodeClass
-from ..messages import StepEvent
+from ..messages import CancelCommand, StepEvent, TriggerCommand
+from ..records import Commit
 from .vbus import VirtualClock, VirtualTimeBus
 
 CRASH_POINTS = ("before_commit", "after_commit", "after_publish")
@@ -22,6 +24,40 @@ published; published but the incoming message not acknowledged."""
 
 class SimulatedCrash(BaseException):
     """The simulated worker process died (a BaseException, so user code cannot swallow it)."""
+
+
+Hook = Callable[[str, str, int], None]  # (crash point, agent id, step being run)
+
+
+class _CrashingStore(InMemoryPersistence):
+    """The reference store, with the crash points around the commit."""
+
+    def __init__(self, clock: VirtualClock, hook: Hook) -> None:
+        super().__init__(clock=clock)
+        self.hook = hook
+
+    @override
+    async def save_state(self, commit: Commit) -> bool:
+        self.hook("before_commit", commit.agent_id, commit.step)
+        saved = await super().save_state(commit)
+        if saved:
+            self.hook("after_commit", commit.agent_id, commit.step)
+        return saved
+
+
+class _CrashingBus(VirtualTimeBus):
+    """The virtual-time bus, with the crash point after a step's next event is published."""
+
+    def __init__(self, clock: VirtualClock, hook: Hook) -> None:
+        super().__init__(clock)
+        self.hook = hook
+        self.stepping = False  # set while the harness hands a delivery to the engine
+
+    @override
+    async def publish(self, message: StepEvent | TriggerCommand | CancelCommand) -> None:
+        await super().publish(message)
+        if self.stepping and isinstance(message, StepEvent):
+            self.hook("after_publish", message.agent_id, message.step - 1)
 
 
 @dataclass(frozen=True)
@@ -105,22 +141,21 @@ class FaultHarness:
         if self.reset is not None:
             self.reset()
         clock = VirtualClock()
-        store = InMemoryPersistence(clock=clock)
-        bus = VirtualTimeBus(clock)
         seen = dict.fromkeys(CRASH_POINTS, 0)
         fired = False
 
-        def hook(point: str, event: StepEvent) -> None:
+        def hook(point: str, agent_id: str, step: int) -> None:
             nonlocal fired
             if crash is None or fired or point != crash[0]:
                 return
             if seen[point] == crash[1]:
                 fired = True
-                raise SimulatedCrash(f"{point} of {event.agent_id} step {event.step}")
+                raise SimulatedCrash(f"{point} of {agent_id} step {step}")
             seen[point] += 1
 
+        store = _CrashingStore(clock, hook)
+        bus = _CrashingBus(clock, hook)
         engine = await self._worker(store, bus, "worker-1")
-        engine.fault_hook = hook
         for agent_id, context in self.agents.items():
             await engine.trigger_agent(agent_id, self.start, dict(context)
                                        if isinstance(context, Mapping) else context)
@@ -133,6 +168,7 @@ class FaultHarness:
                 clock.advance(engine.stall_after + self.lease_seconds)
                 await engine.sweep_once()
                 continue
+            bus.stepping = True
             try:
                 await engine._handle(delivery)
             except SimulatedCrash:
@@ -141,6 +177,8 @@ class FaultHarness:
                 clock.advance(max(self.lease_seconds, engine.outbox_grace) + 1)
                 bus.redeliver()
                 await engine.sweep_once()
+            finally:
+                bus.stepping = False
         raise AssertionError(f"agents unfinished after {self.max_deliveries} deliveries")
 
     async def _worker(self, store: InMemoryPersistence, bus: VirtualTimeBus,

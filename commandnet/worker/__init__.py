@@ -1,6 +1,6 @@
 """The worker process: settings, metrics, probes and the graceful lifecycle of one worker."""
 
-from ..cli.loading import GraphLoadError, load_graph
+from ..loading import GraphLoadError, load_graph
 from .metrics import PrometheusObserver
 from .process import Worker, WorkerStartupError, run_worker
 from .settings import ConnectionSettings, SettingsError, WorkerSettings, load_settings, mask_url

@@ -3,13 +3,16 @@
 Log collectors (Loki, Cloud Logging, Elasticsearch) parse one JSON object per line; fields given
 with ``extra={...}`` become top-level keys. Every record passes a filter that replaces known
 secret values (passwords from the environment or from URLs) with ``***``, so a driver error that
-quotes a DSN cannot leak one.
+quotes a DSN cannot leak one: raw, and in the encodings a message may carry them in
+(percent-encoded, JSON or repr escaped, base64; :func:`secret_forms`).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Iterable
@@ -49,7 +52,7 @@ class RedactingFilter(logging.Filter):
 
     def __init__(self, secrets: Iterable[str]) -> None:
         super().__init__()
-        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self.secrets = _all_forms(secrets)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not self.secrets:
@@ -65,14 +68,69 @@ class RedactingFilter(logging.Filter):
         return True
 
     def _scrub(self, text: str) -> str:
-        return redact(text, self.secrets)
+        return _replace(text, self.secrets)
+
+
+def _percent_pattern(secret: str) -> str:
+    """A regex matching ``secret`` with any of its characters percent-encoded or not (either
+    hex case; ``+`` for a space), which covers every URL-quoting variant at once."""
+    parts = []
+    for char in secret:
+        if char.isascii() and char.isalnum():
+            parts.append(re.escape(char))
+            continue
+        encoded = "".join(f"%{b:02X}" for b in char.encode())
+        options = [re.escape(char), re.escape(encoded), re.escape(encoded.lower())]
+        if char == " ":
+            options.append(r"\+")
+        parts.append("(?:" + "|".join(options) + ")")
+    return "".join(parts)
+
+
+def secret_forms(secret: str) -> set[str]:
+    """``secret`` as a message might carry it, besides raw and percent-encoded (which
+    :func:`redact` matches with a pattern): escaped as in JSON or a Python repr; base64 and
+    URL-safe base64 at each of the three byte alignments (so it is found inside a longer
+    encoded blob, such as ``user:secret`` in a Basic auth header)."""
+    forms = {secret, repr(secret)[1:-1], json.dumps(secret)[1:-1],
+             json.dumps(secret, ensure_ascii=False)[1:-1]}
+    raw = secret.encode()
+    for offset in range(3):
+        total = (offset + len(raw)) * 8
+        first, last = -(-offset * 8 // 6), total // 6  # characters made of secret bits only
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            text = encode(b"\0" * offset + raw).decode()
+            if offset == 0:
+                forms.add(text)  # the whole secret encoded alone, padding included
+            middle = text[first:last]
+            if len(middle) >= 6:
+                forms.add(middle)
+    return {f for f in forms if f}
+
+
+def _all_forms(secrets: Iterable[str]) -> re.Pattern[str] | None:
+    """One pattern for every form of every secret (longest alternatives first)."""
+    literals: set[str] = set()
+    patterns: set[str] = set()
+    for secret in secrets:
+        if secret:
+            literals |= secret_forms(secret)
+            patterns.add(_percent_pattern(secret))
+    if not literals:
+        return None
+    alternatives = sorted(patterns, key=len, reverse=True) + [
+        re.escape(f) for f in sorted(literals, key=len, reverse=True)]
+    return re.compile("|".join(alternatives))
+
+
+def _replace(text: str, forms: re.Pattern[str] | None) -> str:
+    return text if forms is None else forms.sub("***", text)
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with every secret in ``secrets`` replaced by ``***`` (longest first)."""
-    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text
+    """``text`` with every secret in ``secrets``, in any of its :func:`secret_forms`, replaced
+    by ``***`` (longest first)."""
+    return _replace(text, _all_forms(secrets))
 
 
 def setup_logging(
@@ -110,7 +168,7 @@ class LogObserver(Observer):
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self.log = logger or logging.getLogger("commandnet.agents")
 
-    async def on_transition(self, info: TransitionInfo) -> None:
+    async def on_step(self, info: TransitionInfo) -> None:
         if self.log.isEnabledFor(logging.DEBUG):
             self.log.debug("agent %s step %d: %s -> %s", info.agent_id, info.step,
                            info.from_node, info.to_node or "end", extra={

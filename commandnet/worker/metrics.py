@@ -62,11 +62,11 @@ class PrometheusObserver(Observer):
         self.in_flight.set_function(lambda: engine.in_flight)
         self.max_in_flight.set(engine.max_in_flight)
 
-    async def on_transition(self, info: TransitionInfo) -> None:
+    async def on_step(self, info: TransitionInfo) -> None:
         self.transitions.labels(info.from_node, info.to_node or "").inc()
         self.step_duration.labels(info.from_node).observe(info.duration)
 
-    async def on_error(self, info: ErrorInfo) -> None:
+    async def on_step_error(self, info: ErrorInfo) -> None:
         self.failures.labels(info.node).inc()
         if not info.final:
             self.retries.labels(info.node).inc()

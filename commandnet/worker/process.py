@@ -20,15 +20,16 @@ from typing import Any, TypeVar
 
 from ..adapters.urls import bus_from_url, store_from_url
 from ..bus import EventBus
-from ..cli.loading import GraphLoadError, load_graph
 from ..engine import Engine
 from ..errors import CommandNetError
 from ..graph import NodeClass
+from ..loading import GraphLoadError, load_graph
 from ..observer import Observer
 from ..persistence import Persistence
 from .http import ProbeServer
 from .logs import LogObserver
 from .metrics import PrometheusObserver
+from .resync import StatusResync
 from .settings import WorkerSettings, mask_url
 
 log = logging.getLogger("commandnet.worker")
@@ -50,25 +51,28 @@ class Worker:
         self.metrics = metrics or PrometheusObserver()
         self.graphs = self._load_graphs()
         self.store = store or self._build("store", settings.store_url,
-                                          lambda: store_from_url(settings.store_dsn()))
+                                          lambda: _make_store(settings))
         if hasattr(self.store, "apply_migrations"):  # PostgreSQL; SQLite always creates its own
             self.store.apply_migrations = settings.migrate
         self.bus = bus or self._build("bus", settings.bus_url,
-                                      lambda: bus_from_url(settings.bus_dsn(), settings.pool,
-                                                           **_bus_options(settings)))
+                                      lambda: _make_bus(settings))
+        mirrors = _status_observers(self.bus, settings.status_flush_interval)
         self.engine = Engine(
             self.store,
             self.bus,
             graphs=self.graphs,
-            observers=[self.metrics, LogObserver(), *_status_observers(self.bus)],
+            observers=[self.metrics, LogObserver(), *mirrors],
             owner=settings.worker_id,
             lease_seconds=settings.lease_seconds,
             max_in_flight=settings.max_in_flight,
             sweep_interval=settings.sweep_interval,
             outbox_grace=settings.outbox_grace,
             stall_after=settings.stall_after,
+            reconcile_batch=settings.reconcile_batch,
         )
         self.metrics.bind(self.engine)
+        self.resync = StatusResync(self.store, self.engine.pool, self.engine.owner, mirrors,
+                                   interval=settings.sweep_interval)
         self.http = ProbeServer(settings.http_host, settings.http_port, self.ready,
                                 self.metrics.registry)
         self.stopping = asyncio.Event()
@@ -164,6 +168,7 @@ class Worker:
             await self._within("store", s.store_url, self.store.setup())
             await self._within("bus", s.bus_url, self.bus.connect())
             await self.engine.start_worker()
+            self.resync.start()
         except BaseException:
             await self._close_quietly()
             raise
@@ -193,6 +198,7 @@ class Worker:
         busy = self.engine.in_flight
         log.info("draining: %d step(s) in flight, %.0fs grace", busy, self.settings.drain_grace,
                  extra={"in_flight": busy})
+        await self.resync.stop()
         await self.engine.stop(grace=self.settings.drain_grace)
         self.consuming = False
         log.info("drained; worker %s stopped", self.settings.worker_id)
@@ -208,12 +214,13 @@ async def run_worker(settings: WorkerSettings) -> int:
     return await Worker(settings).run()
 
 
-def _status_observers(bus: EventBus) -> list[Observer]:
+def _status_observers(bus: EventBus, flush_interval: float = 0.25) -> list[Observer]:
     """The NATS KV status mirror when the bus is JetStream (the operator watches it)."""
     nats_adapter = sys.modules.get("commandnet.adapters.nats")  # loaded iff a bus uses it
     if nats_adapter is None or not isinstance(bus, nats_adapter.JetStreamBus):
         return []
-    observer: Observer = nats_adapter.JetStreamStatusObserver(bus)
+    observer: Observer = nats_adapter.JetStreamStatusObserver(bus,
+                                                              flush_interval=flush_interval)
     return [observer]
 
 
@@ -225,6 +232,18 @@ def _bus_connected(bus: EventBus) -> bool | None:
     return flag if isinstance(flag, bool) else None
 
 
+def _make_store(settings: WorkerSettings) -> Persistence:
+    """The store, its password, TLS mode and pool sizes passed as such (never in the URL)."""
+    url, connection = settings.store_connection()
+    return store_from_url(url, **connection)
+
+
+def _make_bus(settings: WorkerSettings) -> EventBus:
+    """The bus, its credentials and TLS passed as such (never inside the URL)."""
+    url, connection = settings.bus_connection()
+    return bus_from_url(url, settings.pool, **connection, **_bus_options(settings))
+
+
 def _bus_options(settings: WorkerSettings) -> dict[str, Any]:
     """Bus options from the settings (only JetStream takes any)."""
-    return {"ack_wait": settings.ack_wait} if settings.bus_url.startswith(("nats", "tls")) else {}
+    return settings.jetstream_options() if settings.bus_url.startswith(("nats", "tls")) else {}

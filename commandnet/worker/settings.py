@@ -1,16 +1,20 @@
 """One typed settings model for the worker: ``COMMANDNET_*`` environment variables, then flags.
 
-Precedence: a CLI flag beats its environment variable beats the default. Secrets (the store and
-bus passwords) come from the environment, in Kubernetes from a Secret, and are spliced into the
-URL only when a connection is made; :func:`mask_url` hides them wherever a URL is shown.
+Precedence: a CLI flag beats its environment variable beats the default. Secrets (passwords,
+the bus token, NKey seeds, credentials files) come only from the environment or from mounted
+files (``..._FILE``), in Kubernetes from a Secret; no flag takes one. They are handed to the
+drivers as credentials (asyncpg ``password=``, nats-py ``user=``/``password=``/``token=``/
+``nkeys_seed=``/``user_credentials=``), never spliced into a URL, so any character works and no
+URL carries them; :func:`mask_url` hides a password written into a URL wherever it is shown.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -33,27 +37,169 @@ class ConnectionSettings(BaseSettings):
                            description="memory://, sqlite:///relative.db, sqlite:////abs.db, "
                                        "postgresql://user@host:5432/db")
     store_password: SecretStr | None = Field(
-        default=None, description="spliced into store_url (from a Secret, never a flag)")
-    bus_url: str = Field(default="nats://127.0.0.1:4222", description="memory:// or nats://host:4222")
+        default=None, description="PostgreSQL password of the URL's user (from a Secret, "
+                                  "never a flag)")
+    store_password_file: str | None = Field(
+        default=None, description="a file holding the PostgreSQL password (a mounted Secret)")
+    store_sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca",
+                           "verify-full"] | None = Field(
+        default=None, description="PostgreSQL sslmode, as libpq's (default: prefer, or the "
+                                  "URL's ?sslmode=)")
+    store_sslrootcert: str | None = Field(
+        default=None, description="CA certificate file that signed the server's certificate "
+                                  "(verify-ca, verify-full; require then verifies too)")
+    store_sslcert: str | None = Field(
+        default=None, description="client certificate file (PostgreSQL cert auth)")
+    store_sslkey: str | None = Field(default=None, description="client certificate's key file")
+    store_pool_min: int = Field(default=2, ge=0,
+                                description="PostgreSQL connections kept open (each of the "
+                                            "store's two pools)")
+    store_pool_max: int = Field(default=10, ge=1,
+                                description="PostgreSQL connections at most (each of the "
+                                            "store's two pools)")
+    bus_url: str = Field(default="nats://127.0.0.1:4222",
+                         description="memory://, nats://[user@]host:4222, tls://host:4222")
     bus_password: SecretStr | None = Field(
-        default=None, description="spliced into bus_url (from a Secret, never a flag)")
+        default=None, description="NATS password of the URL's user (from a Secret, never a "
+                                  "flag)")
+    bus_password_file: str | None = Field(
+        default=None, description="a file holding the NATS password (a mounted Secret)")
+    bus_token: SecretStr | None = Field(default=None, description="NATS token auth")
+    bus_token_file: str | None = Field(default=None,
+                                       description="a file holding the NATS token")
+    bus_nkey_seed_file: str | None = Field(
+        default=None, description="a file holding a NATS NKey user seed (SU...)")
+    bus_creds_file: str | None = Field(
+        default=None, description="a NATS .creds file (user JWT and seed; decentralised auth)")
+    bus_tls_ca_file: str | None = Field(
+        default=None, description="CA certificate file the NATS server's certificate is "
+                                  "verified with (turns TLS on)")
+    bus_tls_cert_file: str | None = Field(
+        default=None, description="client certificate file for NATS (mutual TLS)")
+    bus_tls_key_file: str | None = Field(default=None,
+                                         description="the NATS client certificate's key file")
 
-    def store_dsn(self) -> str:
-        """The store URL with its password, for connecting only (never log it)."""
-        return with_password(self.store_url, self.store_password, "COMMANDNET_STORE_PASSWORD")
+    @model_validator(mode="after")
+    def _one_source_per_secret(self) -> ConnectionSettings:
+        for name in ("store_password", "bus_password", "bus_token"):
+            if getattr(self, name) is not None and getattr(self, f"{name}_file") is not None:
+                raise ValueError(f"COMMANDNET_{name.upper()} and COMMANDNET_{name.upper()}_FILE "
+                                 "are both set; set one")
+        if self.store_pool_min > self.store_pool_max:
+            raise ValueError(f"store_pool_min ({self.store_pool_min}) exceeds store_pool_max "
+                             f"({self.store_pool_max})")
+        return self
 
-    def bus_dsn(self) -> str:
-        """The bus URL with its password, for connecting only (never log it)."""
-        return with_password(self.bus_url, self.bus_password, "COMMANDNET_BUS_PASSWORD")
+    # ------------------------------------------------------------------ secrets
+
+    def _secret(self, name: str) -> str | None:
+        """Secret ``name`` from its variable or from its ``_FILE`` (trailing newline dropped)."""
+        value: SecretStr | None = getattr(self, name)
+        if value is not None:
+            return value.get_secret_value() or None
+        path: str | None = getattr(self, f"{name}_file", None)
+        if path is None:
+            return None
+        return _read_file(path, f"COMMANDNET_{name.upper()}_FILE").rstrip("\r\n") or None
+
+    def store_connection(self) -> tuple[str, dict[str, Any]]:
+        """The store URL without its password, and the keyword arguments for the store
+        (``password``, ``ssl``, pool sizes) for :func:`~commandnet.adapters.urls.store_from_url`.
+
+        TLS file paths go into the URL's query (``sslrootcert``, ``sslcert``, ``sslkey``, as
+        libpq spells them; they are not secrets), so asyncpg applies libpq's sslmode rules.
+        """
+        parts = urlsplit(self.store_url)
+        if parts.scheme not in ("postgres", "postgresql"):
+            return self.store_url, {}
+        password = self._secret("store_password")
+        if password is not None and not parts.username:
+            raise SettingsError(
+                f"COMMANDNET_STORE_PASSWORD is set but the URL {mask_url(self.store_url)!r} "
+                "names no user; write it as postgresql://USER@host/db")
+        if password is None and parts.password is not None:
+            password = unquote(parts.password)
+        query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        for key, path in (("sslrootcert", self.store_sslrootcert),
+                          ("sslcert", self.store_sslcert), ("sslkey", self.store_sslkey)):
+            if path is not None:
+                _read_file(path, f"COMMANDNET_STORE_{key.upper()}", check_only=True)
+                query[key] = path
+        url = urlunsplit(parts._replace(netloc=_without_password(parts),
+                                        query=urlencode(query)))
+        options: dict[str, Any] = {"min_size": self.store_pool_min,
+                                   "max_size": self.store_pool_max}
+        if password is not None:
+            options["password"] = password
+        if self.store_sslmode is not None:
+            options["ssl"] = self.store_sslmode
+        return url, options
+
+    def bus_connection(self) -> tuple[str, dict[str, Any]]:
+        """The bus URL without credentials, and ``{"auth": NatsAuth}`` for a NATS bus (for
+        :func:`~commandnet.adapters.urls.bus_from_url`); ``{}`` for other buses."""
+        from ..adapters.connection import (
+            ConnectionConfigError,
+            NatsAuth,
+            client_tls_context,
+            split_nats_servers,
+        )
+
+        parts = urlsplit(self.bus_url)
+        if parts.scheme not in ("nats", "tls"):
+            return self.bus_url, {}
+        password = self._secret("bus_password")
+        if password is not None and not parts.username:
+            raise SettingsError(
+                f"COMMANDNET_BUS_PASSWORD is set but the URL {mask_url(self.bus_url)!r} names "
+                "no user; write it as nats://USER@host:4222")
+        for path, variable in ((self.bus_nkey_seed_file, "COMMANDNET_BUS_NKEY_SEED_FILE"),
+                               (self.bus_creds_file, "COMMANDNET_BUS_CREDS_FILE")):
+            if path is not None:
+                _read_file(path, variable, check_only=True)
+        tls = None
+        if self.bus_tls_ca_file or self.bus_tls_cert_file or self.bus_tls_key_file:
+            try:
+                tls = client_tls_context(
+                    self.bus_tls_ca_file, self.bus_tls_cert_file, self.bus_tls_key_file,
+                    what="COMMANDNET_BUS_TLS_CA_FILE/_CERT_FILE/_KEY_FILE:")
+            except ConnectionConfigError as exc:
+                raise SettingsError(str(exc)) from None
+        # A URL's own user:pass@ (or token@) counts, percent-decoded; the variables win.
+        servers, in_url = split_nats_servers(self.bus_url)
+        token = self._secret("bus_token")
+        user: str | None = None
+        if password is not None:
+            user = unquote(parts.username or "")
+        else:
+            user, password = in_url.user, in_url.password
+            token = token if token is not None else in_url.token
+        auth = NatsAuth(user=user, password=password, token=token,
+                        nkeys_seed=self.bus_nkey_seed_file,
+                        user_credentials=self.bus_creds_file, tls=tls)
+        return servers[0], {"auth": auth}
 
     def secrets(self) -> list[str]:
         """Every secret value this configuration holds, for log redaction."""
-        found = [s.get_secret_value() for s in (self.store_password, self.bus_password) if s]
+        found: list[str] = []
+        for name in ("store_password", "bus_password", "bus_token"):
+            try:
+                value = self._secret(name)
+            except SettingsError:
+                value = None
+            if value:
+                found.append(value)
         for url in (self.store_url, self.bus_url):
-            password = urlsplit(url).password
-            if password:
-                found.append(password)
-        return [s for s in found if s]
+            parts = urlsplit(url)
+            value = parts.password
+            if (value is None and parts.scheme in ("nats", "tls") and url == self.bus_url
+                    and self.bus_password is None and self.bus_password_file is None):
+                value = parts.username  # a NATS URL's lone user is a token
+            if value:
+                found += [value, unquote(value)]
+        for path in (self.bus_nkey_seed_file, self.bus_creds_file):
+            found += _seeds_in(path)
+        return [s for s in dict.fromkeys(found) if s]
 
 
 class WorkerSettings(ConnectionSettings):
@@ -88,9 +234,22 @@ class WorkerSettings(ConnectionSettings):
                             description="JetStream: seconds an unacknowledged delivery waits "
                                         "before redelivery (a killed worker's steps); must "
                                         "exceed the lease heartbeat, lease_seconds / 3")
+    dlq_max_bytes: int = Field(default=256 * 1024 * 1024, ge=0,
+                               description="JetStream: the dead-letter stream keeps at most this "
+                                           "many bytes, dropping the oldest (0: no limit)")
+    dlq_max_age: float = Field(default=14 * 24 * 3600.0, ge=0,
+                               description="JetStream: seconds a dead letter is kept (0: until "
+                                           "the size limit drops it)")
     stall_after: float = Field(default=300.0, gt=0,
                                description="age of an unleased running agent before its step "
                                            "is re-published")
+    status_flush_interval: float = Field(
+        default=0.25, gt=0, description="seconds between writes of buffered statuses to the "
+                                        "NATS KV status bucket (a status is written at most "
+                                        "this long after its commit)")
+    reconcile_batch: int = Field(default=100, ge=1,
+                                 description="stalled agents the pool's sweeper re-publishes per "
+                                             "sweep at most (bounds the repair traffic)")
     migrate: bool = Field(default=True,
                           description="apply PostgreSQL schema migrations at start (false: "
                                       "only check the schema is current; run `commandnet "
@@ -124,9 +283,16 @@ class WorkerSettings(ConnectionSettings):
                              f"({self.lease_seconds / 3:g}s), the lease heartbeat")
         return self
 
+    def jetstream_options(self) -> dict[str, Any]:
+        """The worker's JetStream tuning (consumer ack wait, dead-letter stream limits)."""
+        return {"ack_wait": self.ack_wait, "dlq_max_bytes": self.dlq_max_bytes,
+                "dlq_max_age": self.dlq_max_age}
+
     def summary(self) -> dict[str, Any]:
         """The settings as they may be logged: URLs masked, secrets left out."""
-        data = self.model_dump(exclude={"store_password", "bus_password"})
+        data = self.model_dump(exclude={"store_password", "bus_password", "bus_token",
+                                        "store_password_file", "bus_password_file",
+                                        "bus_token_file"})
         data["store_url"] = mask_url(self.store_url)
         data["bus_url"] = mask_url(self.bus_url)
         return data
@@ -151,19 +317,34 @@ def mask_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
 
 
-def with_password(url: str, secret: SecretStr | None, variable: str) -> str:
-    """``url`` with ``secret`` as its password (the URL must name the user)."""
-    if secret is None or not secret.get_secret_value():
-        return url
-    parts = urlsplit(url)
-    if not parts.username:
-        raise SettingsError(
-            f"{variable} is set but the URL {mask_url(url)!r} names no user; "
-            f"write it as scheme://USER@host/..."
-        )
+def _without_password(parts: Any) -> str:
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"
     port = f":{parts.port}" if parts.port is not None else ""
-    password = quote(secret.get_secret_value(), safe="")
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:{password}@{host}{port}"))
+    user = f"{parts.username}@" if parts.username else ""
+    return f"{user}{host}{port}"
+
+
+def _read_file(path: str, variable: str, *, check_only: bool = False) -> str:
+    """The text of ``path``; SettingsError naming ``variable`` when it cannot be read."""
+    try:
+        if check_only:
+            with open(path, "rb"):
+                return ""
+        return Path(path).read_text()
+    except OSError as exc:
+        raise SettingsError(f"{variable}={path!r}: {exc.strerror or exc}") from None
+
+
+def _seeds_in(path: str | None) -> list[str]:
+    """NKey seeds (``S...`` lines) in a seed or creds file, for redaction; [] if unreadable."""
+    if path is None:
+        return []
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError):
+        return []
+    return [line.strip() for line in text.splitlines()
+            if line.strip().startswith("S") and len(line.strip()) > 40
+            and line.strip().isalnum()]
