@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-pytest_plugins = ["tests.fixtures.postgres", "tests.fixtures.nats", "tests.fixtures.secure",
-                  "e2e.fixtures"]
+pytest_plugins = ["tests.fixtures.env", "tests.fixtures.postgres", "tests.fixtures.nats",
+                  "tests.fixtures.secure", "e2e.fixtures"]
 
 
 @pytest.fixture(autouse=True)

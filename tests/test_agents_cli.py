@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +20,7 @@ from commandnet.cli.agents import cancel, status, trigger
 from tests.graphs import linear
 from tests.graphs.procs import WorkerProc, free_port, run_cli, wait_until
 
-
-@pytest.fixture(autouse=True)
-def no_commandnet_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for key in list(os.environ):
-        if key.startswith("COMMANDNET_"):
-            monkeypatch.delenv(key)
-    yield
+pytestmark = pytest.mark.usefixtures("no_commandnet_env")
 
 
 def sqlite_url(path: Path) -> str:

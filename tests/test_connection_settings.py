@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +29,7 @@ from commandnet.worker.settings import SettingsError, WorkerSettings
 from tests.fixtures.secure import PASSWORD, TOKEN, AuthNats, CredsNats, Pki
 from tests.graphs.procs import clean_env, run_cli
 
-
-@pytest.fixture(autouse=True)
-def no_commandnet_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for key in list(os.environ):
-        if key.startswith("COMMANDNET_"):
-            monkeypatch.delenv(key)
-    yield
+pytestmark = pytest.mark.usefixtures("no_commandnet_env")
 
 
 def settings_from(monkeypatch: pytest.MonkeyPatch, **env: str) -> WorkerSettings:

@@ -11,10 +11,8 @@ import base64
 import io
 import json
 import logging
-import os
 import re
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote, quote_plus
 
@@ -31,13 +29,7 @@ from commandnet.worker.settings import ConnectionSettings, SettingsError, Worker
 from tests.fixtures.secure import PASSWORD, AuthNats, Pki
 from tests.graphs.procs import WorkerProc, clean_env, run_cli, wait_until
 
-
-@pytest.fixture(autouse=True)
-def no_commandnet_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for key in list(os.environ):
-        if key.startswith("COMMANDNET_"):
-            monkeypatch.delenv(key)
-    yield
+pytestmark = pytest.mark.usefixtures("no_commandnet_env")
 
 
 def password_forms(secret: str, user: str = "cn") -> list[str]:

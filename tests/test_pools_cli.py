@@ -7,8 +7,6 @@ so a backlog is visible before the first worker starts.
 from __future__ import annotations
 
 import asyncio
-import os
-from collections.abc import Iterator
 from typing import Any
 
 import nats
@@ -21,13 +19,7 @@ from commandnet.errors import CommandNetError
 from commandnet.local.nats import NatsServer
 from commandnet.messages import TriggerCommand
 
-
-@pytest.fixture(autouse=True)
-def no_commandnet_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for key in list(os.environ):
-        if key.startswith("COMMANDNET_"):
-            monkeypatch.delenv(key)
-    yield
+pytestmark = pytest.mark.usefixtures("no_commandnet_env")
 
 
 async def _layout(url: str) -> dict[str, Any]:

@@ -349,3 +349,42 @@ async def test_an_observer_written_for_the_seed_readme_works(engines: list[Engin
     assert calls == [("e", "seed", "Flaky", "card declined"),
                      ("t", "seed", "Flaky", "Settle", True),
                      ("t", "seed", "Settle", None, True)]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+async def test_a_forgotten_lease_is_retried_on_real_stores(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest,
+        engines: list[Engine]) -> None:
+    """As above, with the lease wiped by SQL in the store itself before the first commit."""
+    forgotten: list[int] = []
+    store: Persistence
+    if kind == "sqlite":
+        class ForgetfulSQLite(SQLitePersistence):
+            async def save_state(self, commit: Commit) -> bool:
+                if not forgotten:
+                    forgotten.append(commit.step)
+                    self.db.execute("UPDATE agents SET lease_owner = NULL, lease_until = NULL "
+                                    "WHERE agent_id = ?", (commit.agent_id,))
+                return await super().save_state(commit)
+
+        store = ForgetfulSQLite(tmp_path / "forget.db")
+    else:
+        from commandnet.adapters.postgres import PostgresPersistence
+
+        class ForgetfulPostgres(PostgresPersistence):
+            async def save_state(self, commit: Commit) -> bool:
+                if not forgotten:
+                    forgotten.append(commit.step)
+                    await self.pool.execute("UPDATE agents SET lease_owner = NULL, "
+                                            "lease_until = NULL WHERE agent_id = $1",
+                                            commit.agent_id)
+                return await super().save_state(commit)
+
+        store = ForgetfulPostgres(request.getfixturevalue("postgres_dsn"), min_size=1,
+                                  max_size=4)
+    engine = engine_for(engines, store, "default", Book, stall_after=300.0)
+    await engine.start_worker()
+    await engine.trigger_agent("f2", Book, {})
+    rec = await engine.wait_for("f2", timeout=10)
+    assert (rec.status, forgotten) == (AgentStatus.SUCCEEDED, [0])
+    assert [h.step for h in await engine.get_history("f2")] == [1, 2]

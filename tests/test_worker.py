@@ -10,7 +10,6 @@ import asyncio
 import io
 import json
 import logging
-import os
 import socket
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -45,11 +44,8 @@ from tests.graphs.procs import WorkerProc, clean_env, free_port, http_get, run_c
 
 
 @pytest.fixture(autouse=True)
-def no_commandnet_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def clean_settings(no_commandnet_env: None) -> Iterator[None]:
     """Settings tests must not see the developer's COMMANDNET_* variables."""
-    for key in list(os.environ):
-        if key.startswith("COMMANDNET_"):
-            monkeypatch.delenv(key)
     yield
     logging.getLogger().handlers.clear()
 

@@ -312,6 +312,7 @@ class _Coalescer:
         await done
 
     async def _drain(self) -> None:
+        batch: list[tuple[Sequence[OutboxEntry], asyncio.Future[None]]] = []
         try:
             while self._waiting:
                 batch, self._waiting = self._waiting, []
@@ -325,8 +326,14 @@ class _Coalescer:
                     for _, done in batch:
                         if not done.done():
                             done.set_result(None)
+                batch = []
         finally:
             self._task = None
+            # Cancelled (the loop is shutting down): no caller may wait for ever.
+            for _, done in [*batch, *self._waiting]:
+                if not done.done():
+                    done.cancel()
+            self._waiting = []
 
 
 def _unstorable(agent_id: str, node: str, exc: Exception) -> ContextValidationError:

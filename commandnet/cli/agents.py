@@ -66,9 +66,10 @@ def _run(conn: ConnectionSettings, work: Coroutine[Any, Any, T]) -> T:
         raise click.ClickException(redact(str(exc), conn.secrets())) from None
 
 
-async def _connect(kind: str, url: str, connect: Awaitable[None], within: float) -> None:
+async def reach(kind: str, url: str, connect: Awaitable[T], within: float) -> T:
+    """Await ``connect`` for at most ``within`` s; failures name the server, never a secret."""
     try:
-        await asyncio.wait_for(connect, within)
+        return await asyncio.wait_for(connect, within)
     except TimeoutError:
         raise CommandNetError(f"cannot reach the {kind} at {mask_url(url)} within "
                               f"{within:g}s") from None
@@ -95,7 +96,7 @@ def _shared_bus(conn: ConnectionSettings) -> EventBus:
 
 async def _publish(conn: ConnectionSettings, bus: EventBus,
                    message: TriggerCommand | CancelCommand, within: float) -> None:
-    await _connect("bus", conn.bus_url, bus.connect(), within)
+    await reach("bus", conn.bus_url, bus.connect(), within)
     try:
         await asyncio.wait_for(bus.publish(message), within)
     except TimeoutError:
@@ -227,7 +228,7 @@ async def _status_from_kv(conn: ConnectionSettings, agent_id: str,
 async def _status_from_store(conn: ConnectionSettings, agent_id: str,
                              within: float) -> dict[str, Any]:
     store = _open_store(conn)
-    await _connect("store", conn.store_url, store.setup(), within)
+    await reach("store", conn.store_url, store.setup(), within)
     try:
         rec = await store.get_agent(agent_id)
     finally:

@@ -27,6 +27,7 @@ from rich.table import Table
 from ..adapters.memory import InMemoryEventBus
 from ..adapters.sqlite import SQLitePersistence
 from ..engine import Engine
+from ..errors import CommandNetError
 from ..examples.orders import Intake, Order
 
 GRAPH = "commandnet.examples.orders:Intake"
@@ -56,7 +57,10 @@ def demo(agents: int, workers: int, workdir: Path | None, seed: int | None) -> N
                       f"{workers or 'no separate'} worker process(es), store {db}")
         started = time.monotonic()
         runner: Runner = _in_process if workers == 0 else _multi_process(workers)
-        asyncio.run(runner(db, agents, lambda: _progress(console, db, agents)))
+        try:
+            asyncio.run(runner(db, agents, lambda: _progress(console, db, agents)))
+        except CommandNetError as exc:  # a missing nats-server binary, say: no traceback
+            raise click.ClickException(str(exc)) from None
         elapsed = time.monotonic() - started
         _summary(console, db, elapsed)
 

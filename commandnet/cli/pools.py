@@ -25,6 +25,7 @@ from ..adapters.urls import bus_from_url
 from ..errors import CommandNetError
 from ..worker.logs import redact
 from ..worker.settings import WorkerSettings, load_settings, mask_url
+from .agents import reach
 
 
 @click.group()
@@ -67,21 +68,13 @@ async def ensure_pool(settings: WorkerSettings, within: float = 10.0) -> dict[st
     url, connection = settings.bus_connection()
     bus = bus_from_url(url, settings.pool, **connection, **settings.jetstream_options())
     assert isinstance(bus, JetStreamBus)
+    async def ensure() -> Any:
+        await bus.connect()  # a managing bus: streams and bucket
+        await bus.ensure_consumer()
+        return await bus.jetstream().consumer_info(bus.stream, bus.consumer)
+
     try:
-        try:
-            await asyncio.wait_for(bus.connect(), within)  # a managing bus: streams and bucket
-            await asyncio.wait_for(bus.ensure_consumer(), within)
-            info = await asyncio.wait_for(
-                bus.jetstream().consumer_info(bus.stream, bus.consumer), within)
-        except TimeoutError:
-            raise CommandNetError(f"cannot reach the bus at {mask_url(settings.bus_url)} "
-                                  f"within {within:g}s") from None
-        except CommandNetError:
-            raise
-        except Exception as exc:
-            raise CommandNetError(f"cannot ensure pool {settings.pool!r} at "
-                                  f"{mask_url(settings.bus_url)}: {type(exc).__name__}: "
-                                  f"{exc}") from None
+        info = await reach("bus", settings.bus_url, ensure(), within)
     finally:
         await bus.close()
     return {"stream": bus.stream, "dlq_stream": bus.dlq_stream,

@@ -26,10 +26,18 @@ _FLAGS = {
     "sweep_interval": "--sweep-interval", "outbox_grace": "--outbox-grace",
     "stall_after": "--stall-after", "ack_wait": "--ack-wait", "migrate": "--migrate/--no-migrate",
     "dlq_max_bytes": "--dlq-max-bytes", "dlq_max_age": "--dlq-max-age",
+    "reconcile_batch": "--reconcile-batch", "status_flush_interval": "--status-flush-interval",
 }
 
 
-@click.command()
+def _environment_only() -> str:
+    """The settings with no flag (secrets, files, TLS, pool sizes), for ``--help``."""
+    lines = [f"COMMANDNET_{name.upper()}: {field.description or ''}"
+             for name, field in WorkerSettings.model_fields.items() if name not in _FLAGS]
+    return "\b\nEnvironment only (secrets never go in flags):\n" + "\n".join(lines)
+
+
+@click.command(epilog=_environment_only())
 @click.option("--graph", "graph", multiple=True, metavar="PKG.MODULE:NODE",
               help="Start node of a graph to run; repeat for several. [COMMANDNET_GRAPH, "
                    "comma-separated]")
@@ -74,6 +82,12 @@ _FLAGS = {
                    "[COMMANDNET_DLQ_MAX_AGE; 1209600]")
 @click.option("--stall-after", type=float,
               help="Re-publish the step of agents idle this long [COMMANDNET_STALL_AFTER; 300]")
+@click.option("--reconcile-batch", type=int,
+              help="Stalled agents the pool's sweeper re-publishes per sweep at most "
+                   "[COMMANDNET_RECONCILE_BATCH; 100]")
+@click.option("--status-flush-interval", type=float,
+              help="Seconds the KV status mirror buffers writes "
+                   "[COMMANDNET_STATUS_FLUSH_INTERVAL; 0.25]")
 @click.option("--migrate/--no-migrate", default=None,
               help="Create/upgrade the store schema at start [COMMANDNET_MIGRATE; true]")
 def worker(**flags: Any) -> None:
