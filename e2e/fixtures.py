@@ -16,12 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e.localcluster import (
-    LocalCluster,
-    PortInUseError,
-    ToolsMissingError,
-    find_tools,
-)
+from e2e.localcluster import LocalCluster, ToolsMissingError, find_tools, start_cluster
 
 
 @pytest.fixture(scope="session")
@@ -37,24 +32,11 @@ def kube_tools() -> dict[str, Path]:
 def kube(kube_tools: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     LocalCluster
 ]:
-    cluster = _start_cluster(tmp_path_factory.mktemp("kube"))
+    cluster = start_cluster(tmp_path_factory.mktemp("kube"))
     try:
         yield cluster
     finally:
         cluster.stop()
-
-
-def _start_cluster(workdir: Path) -> LocalCluster:
-    # Free ports are picked just before use; if another process grabs one in between, try
-    # once more with new ones. Any other failure is reported as it is.
-    for attempt in (1, 2):
-        cluster = LocalCluster(workdir / f"try{attempt}")
-        try:
-            return cluster.start()
-        except PortInUseError:
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +56,7 @@ def kube_with_node(
         message = str(exc)
     if message:
         pytest.fail(message, pytrace=False)  # loudly, never a skip
-    cluster = _start_cluster(tmp_path_factory.mktemp("kube-node"))
+    cluster = start_cluster(tmp_path_factory.mktemp("kube-node"))
     node: LocalNode | None = None
     try:
         node = LocalNode(cluster, cluster.workdir / "node").start()

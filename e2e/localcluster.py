@@ -890,6 +890,21 @@ class LocalCluster:
         self.stop()
 
 
+def start_cluster(workdir: Path, components: Sequence[str] = CONTROL_PLANE_TOOLS
+                  ) -> LocalCluster:
+    """A started cluster in ``workdir``. Free ports are picked just before use; if another
+    process grabs one in between, it tries once more with new ones (any other failure is
+    reported as it is)."""
+    for attempt in (1, 2):
+        cluster = LocalCluster(workdir / f"try{attempt}", components=components)
+        try:
+            return cluster.start()
+        except PortInUseError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _cmdline_mentions(pid: int, text: str) -> bool:
     """True if the process's command line contains `text` (guards against a reused pid)."""
     try:

@@ -1,7 +1,8 @@
 """The README's JetStream layout is what a JetStreamBus with default names creates.
 
 On a nats-server of the test's own (``restartable_nats``), so the default names (``COMMANDNET``,
-``COMMANDNET_DLQ``, ``COMMANDNET_STATUS``) meet no other test; everything is deleted afterwards.
+``COMMANDNET_DLQ``, ``COMMANDNET_STATUS``, ``COMMANDNET_GRAPHS``) meet no other test; everything
+is deleted afterwards.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from commandnet.adapters.nats import JetStreamBus
 from commandnet.local.nats import NatsServer
 from commandnet.messages import StepEvent
 
-DEFAULT_STREAMS = ("COMMANDNET", "COMMANDNET_DLQ", "KV_COMMANDNET_STATUS")
+DEFAULT_STREAMS = ("COMMANDNET", "COMMANDNET_DLQ", "KV_COMMANDNET_STATUS",
+                   "KV_COMMANDNET_GRAPHS")
 
 
 async def test_default_layout_streams_bucket_and_consumer(restartable_nats: NatsServer) -> None:
@@ -40,6 +42,8 @@ async def test_default_layout_streams_bucket_and_consumer(restartable_nats: Nats
 
         kv = await js.key_value("COMMANDNET_STATUS")  # the status bucket exists
         assert (await kv.status()).bucket == "COMMANDNET_STATUS"
+        graphs = await js.key_value("COMMANDNET_GRAPHS")  # and the pools' graph bucket
+        assert (await graphs.status()).bucket == "COMMANDNET_GRAPHS"
 
         consumer = (await js.consumer_info("COMMANDNET", "default")).config
         assert consumer.durable_name == "default"  # one durable consumer per pool

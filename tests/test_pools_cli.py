@@ -71,7 +71,7 @@ def test_clients_create_nothing_and_pools_ensure_creates_the_pool_up_front(
     assert ensured.exit_code == 0, ensured.output
     assert "consumer 'orders' with 0 message(s) pending" in ensured.output
     assert layout(url) == {"COMMANDNET": ["orders"], "COMMANDNET_DLQ": [],
-                           "KV_COMMANDNET_STATUS": []}
+                           "KV_COMMANDNET_STATUS": [], "KV_COMMANDNET_GRAPHS": []}
 
     sent = invoke("trigger", "a1", "--node", "Step0", "--pool", "orders", "--bus", url)
     assert sent.exit_code == 0, sent.output
@@ -85,7 +85,7 @@ def test_clients_create_nothing_and_pools_ensure_creates_the_pool_up_front(
     assert "consumer 'orders' with 1 message(s) pending" in again.output
     assert asyncio.run(_pending(url, "COMMANDNET", "orders")) == 1
     assert layout(url) == {"COMMANDNET": ["orders"], "COMMANDNET_DLQ": [],
-                           "KV_COMMANDNET_STATUS": []}
+                           "KV_COMMANDNET_STATUS": [], "KV_COMMANDNET_GRAPHS": []}
 
     # A mistyped pool's trigger is stored, but nothing makes that pool look served.
     typo = invoke("trigger", "a2", "--node", "Step0", "--pool", "ordrs")

@@ -14,9 +14,11 @@ Layout (DESIGN §4), for the defaults ``stream="COMMANDNET"``, ``prefix="command
   reason and origin in ``Commandnet-*`` headers. It is never redelivered. A message that
   JetStream gives up on after ``max_deliver`` deliveries is moved there too.
 - KV bucket ``COMMANDNET_STATUS``: agents' latest status (see :mod:`.nats_status`).
+- KV bucket ``COMMANDNET_GRAPHS``: each pool's graph, written by workers at start (see
+  :mod:`.nats_graphs`).
 
 Who configures the bus: a managing bus (``manage=True``, workers and ``commandnet pools
-ensure``) creates or updates streams and bucket at :meth:`JetStreamBus.connect` and the pool's
+ensure``) creates or updates streams and buckets at :meth:`JetStreamBus.connect` and the pool's
 consumer at :meth:`JetStreamBus.subscribe` or :meth:`JetStreamBus.ensure_consumer`,
 idempotently; a config that differs from ours is updated, a change the server refuses raises
 :class:`JetStreamConfigError`. Clients (``commandnet trigger|cancel``, the operator) use
@@ -80,6 +82,7 @@ from ..bus import Delivery, EventBus, Handler
 from ..errors import CommandNetError
 from ..messages import CancelCommand, StepEvent, TriggerCommand, encode
 from .connection import NatsAuth, server_address, split_nats_servers
+from .nats_graphs import ensure_graph_bucket
 from .nats_status import (
     JetStreamStatusObserver,
     StatusReader,
@@ -208,7 +211,9 @@ class JetStreamBus(EventBus):
     dead-letter stream (0: no limit); ``manage`` False: publish-only, never create or change
     streams, consumers or buckets (clients); ``max_age`` bounds how long an
     unconsumed message is kept (0: forever); ``orphan_after``: a subscribed bus moves messages
-    of pools that no consumer serves to the DLQ once they are this old (None: never).
+    of pools that no consumer serves to the DLQ once they are this old (None: never);
+    ``status_bucket`` and ``graph_bucket`` name the KV buckets (default ``<stream>_STATUS``
+    and ``<stream>_GRAPHS``).
     """
 
     durable = True
@@ -221,6 +226,7 @@ class JetStreamBus(EventBus):
         stream: str = "COMMANDNET",
         prefix: str = "commandnet",
         status_bucket: str | None = None,
+        graph_bucket: str | None = None,
         max_ack_pending: int = 1000,
         max_deliver: int = 100,
         ack_wait: float = 30.0,
@@ -248,6 +254,7 @@ class JetStreamBus(EventBus):
             _token("subject prefix part", part)
         self.dlq_stream = f"{stream}_DLQ"
         self.status_bucket = _token("status bucket", status_bucket or f"{stream}_STATUS")
+        self.graph_bucket = _token("graph bucket", graph_bucket or f"{stream}_GRAPHS")
         self.consumer = self.pool
         self.events_subject = f"{prefix}.{pool}.events"
         self.commands_subject = f"{prefix}.{pool}.commands"
@@ -352,7 +359,7 @@ class JetStreamBus(EventBus):
         return self._jsc()
 
     async def ensure(self) -> None:
-        """Create or update the work stream, the DLQ stream and the status bucket.
+        """Create or update the work stream, the DLQ stream, the status and graph buckets.
 
         A managing bus does this at :meth:`connect`; calling it explicitly works on any bus.
         """
@@ -375,6 +382,7 @@ class JetStreamBus(EventBus):
             description="commandnet dead letters: unprocessable messages, with the reason",
         ))
         await ensure_bucket(js, self.status_bucket, self.replicas)
+        await ensure_graph_bucket(js, self.graph_bucket, self.replicas)
 
     async def ensure_consumer(self) -> None:
         """Create or update the pool's durable consumer (at :meth:`subscribe`).

@@ -8,7 +8,8 @@ The scheme is reversible and injective (``=`` is always escaped), and ``<pool>.>
 pool.
 
 The value is JSON: ``agent_id``, ``pool``, ``status`` (running/succeeded/failed/cancelled),
-``phase`` (the Agent CR's Running/Succeeded/...), ``node``, ``step``, ``error``,
+``phase`` (the Agent CR's Running/Succeeded/...), ``node``, ``step``, ``error``, ``reason``
+(a CamelCase reason for a failed or cancelled agent, :func:`failure_reason`; None otherwise),
 ``updated_at`` (ISO 8601, UTC). Writers never move a key backwards: a status is written only if
 its (step, final?) is not older than the stored one (compare-and-set on the key's revision), so
 two workers' racing notifications cannot leave a finished agent shown as running.
@@ -34,7 +35,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
@@ -87,6 +88,36 @@ def _phase(status: str) -> str:
     return status.capitalize()
 
 
+# The engine's own failure texts (commandnet/engine.py, adapters' ContextValidationError), matched
+# at the start: an exception raised by a node is stored as "TypeName: message", so a node's
+# message never passes for one of them. tests/test_status_reason.py produces each for real.
+_REASONS = (
+    ("UnknownNode", re.compile(r"unknown node '")),
+    ("InvalidContext", re.compile(r"(initial context of|stored context at node|context returned "
+                                  r"by node) .* does not validate as \w+: ")),
+    ("InvalidContext", re.compile(r"agent .*: the context for node .* cannot be stored in ")),
+    ("WorkerDied", re.compile(r"worker died during the step ")),
+    ("InvalidTransition", re.compile(r"node '.*' returned .*, which its return hint does not "
+                                     r"declare")),
+    ("NodeTimeout", re.compile(r"node '.*' timed out after ")),
+)
+
+
+def failure_reason(status: str, error: str | None) -> str | None:
+    """Why an agent ended, in CamelCase (for the Agent CR's conditions): None while running or
+    succeeded; ``Cancelled``; for ``failed``: ``UnknownNode``, ``InvalidContext``,
+    ``WorkerDied``, ``InvalidTransition``, ``NodeTimeout``, else ``NodeFailed`` (the node raised,
+    or anything else)."""
+    if status == "cancelled":
+        return "Cancelled"
+    if status != "failed":
+        return None
+    for reason, pattern in _REASONS:
+        if error is not None and pattern.match(error):
+            return reason
+    return "NodeFailed"
+
+
 def _newer_or_same(new: dict[str, Any], old: dict[str, Any]) -> bool:
     def order(value: dict[str, Any]) -> tuple[int, int]:
         return int(value.get("step", 0)), _FINAL_RANK.get(str(value.get("status")), 0)
@@ -94,8 +125,11 @@ def _newer_or_same(new: dict[str, Any], old: dict[str, Any]) -> bool:
     return order(new) >= order(old)
 
 
-async def ensure_bucket(js: JetStreamContext, bucket: str, replicas: int = 1) -> KeyValue:
-    """Bind to the status bucket, creating it (history 1, file storage) if it is missing."""
+async def ensure_bucket(js: JetStreamContext, bucket: str, replicas: int = 1, *,
+                        description: str = "commandnet: each agent's latest status",
+                        what: str = "status") -> KeyValue:
+    """Bind to KV bucket ``bucket``, creating it (history 1, file storage) if it is missing;
+    ``what`` names it in errors (the status bucket by default)."""
     try:
         return await js.key_value(bucket)
     except nats.js.errors.BucketNotFoundError:
@@ -103,14 +137,14 @@ async def ensure_bucket(js: JetStreamContext, bucket: str, replicas: int = 1) ->
     try:
         return await js.create_key_value(KeyValueConfig(
             bucket=bucket, history=1, storage=StorageType.FILE, replicas=replicas,
-            description="commandnet: each agent's latest status",
+            description=description,
         ))
     except nats.js.errors.APIError as exc:
         # Someone created it meanwhile with another config: use theirs if it is a KV bucket.
         try:
             return await js.key_value(bucket)
         except nats.js.errors.APIError:
-            raise CommandNetError(f"status bucket {bucket!r} cannot be created: "
+            raise CommandNetError(f"{what} bucket {bucket!r} cannot be created: "
                                   f"{exc.description}") from None
 
 
@@ -190,7 +224,8 @@ class JetStreamStatusObserver(Observer):
         value = {
             "agent_id": info.agent_id, "pool": self.bus.pool, "status": info.status.value,
             "phase": _phase(info.status.value), "node": info.node, "step": info.step,
-            "error": info.error, "updated_at": datetime.now(UTC).isoformat(),
+            "error": info.error, "reason": failure_reason(info.status.value, info.error),
+            "updated_at": datetime.now(UTC).isoformat(),
         }
         key = status_key(self.bus.pool, info.agent_id)
         old = self._pending.get(key)
@@ -331,10 +366,10 @@ class StatusReader:
         self.connect_timeout = connect_timeout
         self.nc: NatsClient | None = None
         self._kv: KeyValue | None = None
-        self._reconnected = asyncio.Event()
+        self._reconnects = 0
 
     async def _on_reconnect(self) -> None:
-        self._reconnected.set()
+        self._reconnects += 1
 
     async def _on_error(self, exc: Exception) -> None:
         log.warning("status reader: nats client error (%s): %s: %s", self._where(),
@@ -395,37 +430,65 @@ class StatusReader:
         starts again and replays every key, so a consumer resynchronises without scanning.
         """
         pattern = f"{pool}.>" if pool else ">"
-        failures = 0
-        while True:
-            self._reconnected.clear()
-            try:
-                watcher = await self._bound().watch(pattern)
-            except (nats.errors.Error, TimeoutError) as exc:
-                failures += 1
-                log.warning("status watch on bucket %r not started (%s); retrying", self.bucket,
-                            exc)
-                await asyncio.sleep(min(0.2 * 2**failures, 5.0))
-                continue
-            failures = 0
-            replay = True
-            try:
-                while not self._reconnected.is_set():
-                    try:
-                        entry = await watcher.updates(timeout=1.0)  # type: ignore[no-untyped-call]
-                    except nats.errors.TimeoutError:
-                        continue
-                    if entry is None:  # the marker: the replay is over
-                        replay = False
-                        continue
-                    if not isinstance(entry, KeyValue.Entry):  # the watcher was stopped
-                        return
+
+        async def bound() -> KeyValue:
+            return self._bound()
+
+        entries = watch_bucket(bound, pattern, lambda: self._reconnects,
+                               f"status watch on bucket {self.bucket!r}")
+        async with contextlib.aclosing(entries):  # stops the watcher when the caller stops
+            async for entry, replay in entries:
+                if entry is not None:
                     yield _update(entry, replay)
-                log.info("status watch on bucket %r restarts after a reconnect", self.bucket)
-            finally:
+
+
+async def watch_bucket(bind: Callable[[], Awaitable[KeyValue]], pattern: str,
+                       reconnects: Callable[[], int],
+                       what: str) -> AsyncGenerator[tuple[KeyValue.Entry | None, bool], None]:
+    """Watch keys ``pattern`` of the bucket ``bind()`` returns: ``(entry, replay)`` for every
+    key's latest value first (``replay=True``), then ``(None, False)`` (the replay is over),
+    then changes as they happen. Deletions come as entries whose ``operation`` is ``DEL`` or
+    ``PURGE``.
+
+    A server that restarts loses the watch's ephemeral consumer, so whenever ``reconnects()``
+    (a counter of the client's reconnects) changes, the watch starts again and replays every
+    key. A watch that cannot start (server away, bucket missing: ``bind`` raises) is retried
+    with backoff, for ever; a missing bucket is logged at debug level only. It ends only when
+    the watcher is stopped or the iteration is closed.
+    """
+    failures = 0
+    while True:
+        seen = reconnects()
+        try:
+            watcher = await (await bind()).watch(pattern)
+        except (nats.errors.Error, TimeoutError) as exc:
+            failures += 1
+            level = (logging.DEBUG if isinstance(exc, nats.js.errors.BucketNotFoundError)
+                     else logging.WARNING)
+            log.log(level, "%s not started (%s); retrying", what, exc)
+            await asyncio.sleep(min(0.2 * 2**failures, 5.0))
+            continue
+        failures = 0
+        replay = True
+        try:
+            while reconnects() == seen:
                 try:
-                    await watcher.stop()  # type: ignore[no-untyped-call]
-                except (nats.errors.Error, RuntimeError) as exc:
-                    log.debug("status watcher stop: %s", exc)
+                    entry = await watcher.updates(timeout=1.0)  # type: ignore[no-untyped-call]
+                except nats.errors.TimeoutError:
+                    continue
+                if entry is None:  # the marker: the replay is over
+                    replay = False
+                    yield None, False
+                    continue
+                if not isinstance(entry, KeyValue.Entry):  # the watcher was stopped
+                    return
+                yield entry, replay
+            log.info("%s restarts after a reconnect", what)
+        finally:
+            try:
+                await watcher.stop()  # type: ignore[no-untyped-call]
+            except (nats.errors.Error, RuntimeError) as exc:
+                log.debug("%s: watcher stop: %s", what, exc)
 
 
 def _update(entry: KeyValue.Entry, replay: bool) -> StatusUpdate:

@@ -3,12 +3,12 @@
 Only workers and this command create or change streams, consumers and buckets (clients such
 as ``trigger``, ``cancel``, ``status`` and the operator connect publish-only). Running it before
 the first worker starts (the Helm chart's install hook) creates the work stream, the bounded
-dead-letter stream, the status bucket and the pool's durable consumer, so commands sent early
-wait in the consumer (its ``num_pending`` shows the backlog, which KEDA can scale on) instead of
-failing for want of a stream. Settings come from flags or the worker's ``COMMANDNET_*``
-variables (``BUS_URL``, ``POOL``, credentials and TLS, ``ACK_WAIT``, ``DLQ_MAX_BYTES``,
-``DLQ_MAX_AGE``), so the consumer and streams get the same config the workers will give them.
-Running it again changes nothing (or aligns a config that differs).
+dead-letter stream, the status and graph buckets and the pool's durable consumer, so commands
+sent early wait in the consumer (its ``num_pending`` shows the backlog, which KEDA can scale
+on) instead of failing for want of a stream. Settings come from flags or the worker's
+``COMMANDNET_*`` variables (``BUS_URL``, ``POOL``, credentials and TLS, ``ACK_WAIT``,
+``DLQ_MAX_BYTES``, ``DLQ_MAX_AGE``), so the consumer and streams get the same config the
+workers will give them. Running it again changes nothing (or aligns a config that differs).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def pools() -> None:
 @click.option("--connect-timeout", type=float, default=10.0, show_default=True,
               help="Give up when the bus stays unreachable.")
 def ensure(pool: str | None, bus_url: str | None, connect_timeout: float) -> None:
-    """Create the streams, status bucket and the pool's consumer (idempotent)."""
+    """Create the streams, status and graph buckets and the pool's consumer (idempotent)."""
     if logging.getLogger().getEffectiveLevel() >= logging.WARNING:
         for name in ("nats", "commandnet.nats"):  # one clear error instead of retry tracebacks
             logging.getLogger(name).setLevel(logging.CRITICAL)
@@ -57,8 +57,8 @@ def ensure(pool: str | None, bus_url: str | None, connect_timeout: float) -> Non
         raise click.ClickException(redact(str(exc), settings.secrets())) from None
     click.echo(f"pool {settings.pool!r} ready on {mask_url(settings.bus_url)}: stream "
                f"{found['stream']!r}, dead letters {found['dlq_stream']!r}, status bucket "
-               f"{found['status_bucket']!r}, consumer {found['consumer']!r} with "
-               f"{found['num_pending']} message(s) pending")
+               f"{found['status_bucket']!r}, graph bucket {found['graph_bucket']!r}, consumer "
+               f"{found['consumer']!r} with {found['num_pending']} message(s) pending")
 
 
 async def ensure_pool(settings: WorkerSettings, within: float = 10.0) -> dict[str, Any]:
@@ -78,5 +78,6 @@ async def ensure_pool(settings: WorkerSettings, within: float = 10.0) -> dict[st
     finally:
         await bus.close()
     return {"stream": bus.stream, "dlq_stream": bus.dlq_stream,
-            "status_bucket": bus.status_bucket, "consumer": bus.consumer,
+            "status_bucket": bus.status_bucket, "graph_bucket": bus.graph_bucket,
+            "consumer": bus.consumer,
             "num_pending": int(info.num_pending or 0)}

@@ -1,7 +1,8 @@
 """Throwaway X.509 certificates for local TLS servers (tests, demos): a CA and the leaves it signs.
 
 Needs the ``cryptography`` package (a dev dependency; imported only when a certificate is made).
-Keys are EC P-256, certificates last a day, files are PEM with keys at mode 0600.
+Keys are EC P-256, certificates last ``days`` (default one), files are PEM with keys at mode
+0600. The operator makes its webhook's certificates with it too.
 """
 
 from __future__ import annotations
@@ -39,13 +40,15 @@ def _write_key(path: Path, key: Any) -> None:
 class CertAuthority:
     """A self-signed CA in ``folder`` (``<name>.crt``, ``<name>.key``) that issues leaves."""
 
-    def __init__(self, folder: str | os.PathLike[str], name: str = "commandnet-test-ca") -> None:
+    def __init__(self, folder: str | os.PathLike[str], name: str = "commandnet-test-ca",
+                 days: int = 1) -> None:
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.asymmetric import ec
         from cryptography.x509.oid import NameOID
 
         self.folder = Path(folder)
+        self.days = days
         self.folder.mkdir(parents=True, exist_ok=True)
         self._key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
@@ -56,7 +59,7 @@ class CertAuthority:
             .public_key(self._key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(
                 digital_signature=True, key_cert_sign=True, crl_sign=True,
@@ -98,7 +101,7 @@ class CertAuthority:
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=self.days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(
                 digital_signature=True, key_encipherment=False, key_cert_sign=False,

@@ -2,7 +2,8 @@
 
 Life of a worker: load and validate every ``--graph`` (fail fast, naming the one at fault);
 connect the store (running its migrations when asked) and the bus, each within
-``connect_timeout``; start consuming; answer ``/readyz`` with 200. On SIGTERM or SIGINT it
+``connect_timeout``; on NATS, publish the pool's graph to the graph bucket (for the operator; a
+failure is only a warning); start consuming; answer ``/readyz`` with 200. On SIGTERM or SIGINT it
 drains: ``/readyz`` turns 503, fetching stops, in-flight steps get ``drain_grace`` seconds to
 commit, and whatever is still running is cancelled and handed back (lease released, message
 nacked for immediate redelivery to another worker). Then it exits 0.
@@ -22,8 +23,8 @@ from ..adapters.urls import bus_from_url, store_from_url
 from ..bus import EventBus
 from ..engine import Engine
 from ..errors import CommandNetError
-from ..graph import NodeClass
-from ..loading import GraphLoadError, load_graph
+from ..graph import GraphAnalyzer, NodeClass
+from ..loading import GraphLoadError, describe_pool, load_graph
 from ..observer import Observer
 from ..persistence import Persistence
 from .http import ProbeServer
@@ -167,6 +168,7 @@ class Worker:
         try:
             await self._within("store", s.store_url, self.store.setup())
             await self._within("bus", s.bus_url, self.bus.connect())
+            await self._publish_graph()
             await self.engine.start_worker()
             self.resync.start()
         except BaseException:
@@ -175,6 +177,31 @@ class Worker:
         self.consuming = True
         log.info("worker %s consuming pool %r with graphs %s", s.worker_id, s.pool,
                  ", ".join(s.graph), extra={"settings": s.summary()})
+
+    async def _publish_graph(self) -> None:
+        """Publish the pool's graph to the bus's graph bucket (JetStream only). A failure is a
+        warning: the operator then admits Agents unchecked, and this worker still decides."""
+        if "commandnet.adapters.nats" not in sys.modules:  # no bus uses NATS
+            return
+        from ..adapters.nats import JetStreamBus
+        from ..adapters.nats_graphs import publish_graph
+
+        bus = self.bus
+        if not isinstance(bus, JetStreamBus):
+            return
+        try:
+            doc = describe_pool(self.engine.pool, [GraphAnalyzer.validate(g)
+                                                   for g in self.graphs])
+            written = await asyncio.wait_for(
+                publish_graph(bus.jetstream(), doc, bus.replicas, bucket=bus.graph_bucket),
+                self.settings.connect_timeout)
+        except Exception as exc:
+            log.warning("graph of pool %r not published to bucket %r: %s: %s", bus.pool,
+                        bus.graph_bucket, type(exc).__name__, exc)
+            return
+        log.info("graph of pool %r %s bucket %r (version %s)", bus.pool,
+                 "published to" if written else "already in", bus.graph_bucket,
+                 doc["version"][:12])
 
     async def _within(self, kind: str, url: str, step: Awaitable[None]) -> None:
         timeout = self.settings.connect_timeout

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -26,37 +26,17 @@ class SettingsError(CommandNetError):
     """A setting is missing or invalid; the message names the setting and its variable."""
 
 
-class ConnectionSettings(BaseSettings):
-    """Where the store and the bus are: shared by the worker and the agent commands."""
+class BusSettings(BaseSettings):
+    """Where the bus is and how to log in to it: the worker's, the agent commands' and the
+    operator's (which never talks to the store) ``COMMANDNET_BUS_*`` variables."""
 
     model_config = SettingsConfigDict(env_prefix="COMMANDNET_", extra="ignore")
 
-    pool: str = Field(default="default", min_length=1, pattern=r"^[A-Za-z0-9_-]+$",
-                      description="worker pool: the bus subjects commandnet.<pool>.*")
-    store_url: str = Field(default="sqlite:///commandnet.db",
-                           description="memory://, sqlite:///relative.db, sqlite:////abs.db, "
-                                       "postgresql://user@host:5432/db")
-    store_password: SecretStr | None = Field(
-        default=None, description="PostgreSQL password of the URL's user (from a Secret, "
-                                  "never a flag)")
-    store_password_file: str | None = Field(
-        default=None, description="a file holding the PostgreSQL password (a mounted Secret)")
-    store_sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca",
-                           "verify-full"] | None = Field(
-        default=None, description="PostgreSQL sslmode, as libpq's (default: prefer, or the "
-                                  "URL's ?sslmode=)")
-    store_sslrootcert: str | None = Field(
-        default=None, description="CA certificate file that signed the server's certificate "
-                                  "(verify-ca, verify-full; require then verifies too)")
-    store_sslcert: str | None = Field(
-        default=None, description="client certificate file (PostgreSQL cert auth)")
-    store_sslkey: str | None = Field(default=None, description="client certificate's key file")
-    store_pool_min: int = Field(default=2, ge=0,
-                                description="PostgreSQL connections kept open (each of the "
-                                            "store's two pools)")
-    store_pool_max: int = Field(default=10, ge=1,
-                                description="PostgreSQL connections at most (each of the "
-                                            "store's two pools)")
+    # Secrets that may come from their variable or from a file (``<name>_file``), and the URL
+    # fields that may carry a password; subclasses add theirs.
+    secret_fields: ClassVar[tuple[str, ...]] = ("bus_password", "bus_token")
+    url_fields: ClassVar[tuple[str, ...]] = ("bus_url",)
+
     bus_url: str = Field(default="nats://127.0.0.1:4222",
                          description="memory://, nats://[user@]host:4222, tls://host:4222")
     bus_password: SecretStr | None = Field(
@@ -80,14 +60,11 @@ class ConnectionSettings(BaseSettings):
                                          description="the NATS client certificate's key file")
 
     @model_validator(mode="after")
-    def _one_source_per_secret(self) -> ConnectionSettings:
-        for name in ("store_password", "bus_password", "bus_token"):
+    def _one_source_per_secret(self) -> Self:
+        for name in self.secret_fields:
             if getattr(self, name) is not None and getattr(self, f"{name}_file") is not None:
                 raise ValueError(f"COMMANDNET_{name.upper()} and COMMANDNET_{name.upper()}_FILE "
                                  "are both set; set one")
-        if self.store_pool_min > self.store_pool_max:
-            raise ValueError(f"store_pool_min ({self.store_pool_min}) exceeds store_pool_max "
-                             f"({self.store_pool_max})")
         return self
 
     # ------------------------------------------------------------------ secrets
@@ -101,39 +78,6 @@ class ConnectionSettings(BaseSettings):
         if path is None:
             return None
         return _read_file(path, f"COMMANDNET_{name.upper()}_FILE").rstrip("\r\n") or None
-
-    def store_connection(self) -> tuple[str, dict[str, Any]]:
-        """The store URL without its password, and the keyword arguments for the store
-        (``password``, ``ssl``, pool sizes) for :func:`~commandnet.adapters.urls.store_from_url`.
-
-        TLS file paths go into the URL's query (``sslrootcert``, ``sslcert``, ``sslkey``, as
-        libpq spells them; they are not secrets), so asyncpg applies libpq's sslmode rules.
-        """
-        parts = urlsplit(self.store_url)
-        if parts.scheme not in ("postgres", "postgresql"):
-            return self.store_url, {}
-        password = self._secret("store_password")
-        if password is not None and not parts.username:
-            raise SettingsError(
-                f"COMMANDNET_STORE_PASSWORD is set but the URL {mask_url(self.store_url)!r} "
-                "names no user; write it as postgresql://USER@host/db")
-        if password is None and parts.password is not None:
-            password = unquote(parts.password)
-        query = dict(parse_qsl(parts.query, keep_blank_values=True))
-        for key, path in (("sslrootcert", self.store_sslrootcert),
-                          ("sslcert", self.store_sslcert), ("sslkey", self.store_sslkey)):
-            if path is not None:
-                _read_file(path, f"COMMANDNET_STORE_{key.upper()}", check_only=True)
-                query[key] = path
-        url = urlunsplit(parts._replace(netloc=_without_password(parts),
-                                        query=urlencode(query)))
-        options: dict[str, Any] = {"min_size": self.store_pool_min,
-                                   "max_size": self.store_pool_max}
-        if password is not None:
-            options["password"] = password
-        if self.store_sslmode is not None:
-            options["ssl"] = self.store_sslmode
-        return url, options
 
     def bus_connection(self) -> tuple[str, dict[str, Any]]:
         """The bus URL without credentials, and ``{"auth": NatsAuth}`` for a NATS bus (for
@@ -182,14 +126,14 @@ class ConnectionSettings(BaseSettings):
     def secrets(self) -> list[str]:
         """Every secret value this configuration holds, for log redaction."""
         found: list[str] = []
-        for name in ("store_password", "bus_password", "bus_token"):
+        for name in self.secret_fields:
             try:
                 value = self._secret(name)
             except SettingsError:
                 value = None
             if value:
                 found.append(value)
-        for url in (self.store_url, self.bus_url):
+        for url in (getattr(self, name) for name in self.url_fields):
             parts = urlsplit(url)
             value = parts.password
             if (value is None and parts.scheme in ("nats", "tls") and url == self.bus_url
@@ -200,6 +144,79 @@ class ConnectionSettings(BaseSettings):
         for path in (self.bus_nkey_seed_file, self.bus_creds_file):
             found += _seeds_in(path)
         return [s for s in dict.fromkeys(found) if s]
+
+
+class ConnectionSettings(BusSettings):
+    """Where the store and the bus are: shared by the worker and the agent commands."""
+
+    secret_fields: ClassVar[tuple[str, ...]] = ("store_password", *BusSettings.secret_fields)
+    url_fields: ClassVar[tuple[str, ...]] = ("store_url", *BusSettings.url_fields)
+
+    pool: str = Field(default="default", min_length=1, pattern=r"^[A-Za-z0-9_-]+$",
+                      description="worker pool: the bus subjects commandnet.<pool>.*")
+    store_url: str = Field(default="sqlite:///commandnet.db",
+                           description="memory://, sqlite:///relative.db, sqlite:////abs.db, "
+                                       "postgresql://user@host:5432/db")
+    store_password: SecretStr | None = Field(
+        default=None, description="PostgreSQL password of the URL's user (from a Secret, "
+                                  "never a flag)")
+    store_password_file: str | None = Field(
+        default=None, description="a file holding the PostgreSQL password (a mounted Secret)")
+    store_sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca",
+                           "verify-full"] | None = Field(
+        default=None, description="PostgreSQL sslmode, as libpq's (default: prefer, or the "
+                                  "URL's ?sslmode=)")
+    store_sslrootcert: str | None = Field(
+        default=None, description="CA certificate file that signed the server's certificate "
+                                  "(verify-ca, verify-full; require then verifies too)")
+    store_sslcert: str | None = Field(
+        default=None, description="client certificate file (PostgreSQL cert auth)")
+    store_sslkey: str | None = Field(default=None, description="client certificate's key file")
+    store_pool_min: int = Field(default=2, ge=0,
+                                description="PostgreSQL connections kept open (each of the "
+                                            "store's two pools)")
+    store_pool_max: int = Field(default=10, ge=1,
+                                description="PostgreSQL connections at most (each of the "
+                                            "store's two pools)")
+    @model_validator(mode="after")
+    def _pool_sizes(self) -> Self:
+        if self.store_pool_min > self.store_pool_max:
+            raise ValueError(f"store_pool_min ({self.store_pool_min}) exceeds store_pool_max "
+                             f"({self.store_pool_max})")
+        return self
+
+    def store_connection(self) -> tuple[str, dict[str, Any]]:
+        """The store URL without its password, and the keyword arguments for the store
+        (``password``, ``ssl``, pool sizes) for :func:`~commandnet.adapters.urls.store_from_url`.
+
+        TLS file paths go into the URL's query (``sslrootcert``, ``sslcert``, ``sslkey``, as
+        libpq spells them; they are not secrets), so asyncpg applies libpq's sslmode rules.
+        """
+        parts = urlsplit(self.store_url)
+        if parts.scheme not in ("postgres", "postgresql"):
+            return self.store_url, {}
+        password = self._secret("store_password")
+        if password is not None and not parts.username:
+            raise SettingsError(
+                f"COMMANDNET_STORE_PASSWORD is set but the URL {mask_url(self.store_url)!r} "
+                "names no user; write it as postgresql://USER@host/db")
+        if password is None and parts.password is not None:
+            password = unquote(parts.password)
+        query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        for key, path in (("sslrootcert", self.store_sslrootcert),
+                          ("sslcert", self.store_sslcert), ("sslkey", self.store_sslkey)):
+            if path is not None:
+                _read_file(path, f"COMMANDNET_STORE_{key.upper()}", check_only=True)
+                query[key] = path
+        url = urlunsplit(parts._replace(netloc=_without_password(parts),
+                                        query=urlencode(query)))
+        options: dict[str, Any] = {"min_size": self.store_pool_min,
+                                   "max_size": self.store_pool_max}
+        if password is not None:
+            options["password"] = password
+        if self.store_sslmode is not None:
+            options["ssl"] = self.store_sslmode
+        return url, options
 
 
 class WorkerSettings(ConnectionSettings):

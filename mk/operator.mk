@@ -1,0 +1,19 @@
+# The operator's generated manifests (operator/commandnet_operator/crd.py). The Agent CRD is
+# generated from the Pydantic models in operator/commandnet_operator/resource.py; tests/test_crd.py
+# fails when crds/agents.commandnet.io.yaml is stale.
+
+.PHONY: crds crds-check bench-operator
+
+# Regenerate the Agent CRD (written atomically: a failed run leaves the old file).
+crds: $(STAMP)
+	$(PY) -m commandnet_operator.crd --output crds/agents.commandnet.io.yaml
+
+# Exit 1, saying to run `make crds`, when the committed CRD is stale.
+crds-check: $(STAMP)
+	$(PY) -m commandnet_operator.crd --check crds/agents.commandnet.io.yaml
+
+# The operator's benchmark (bench/operator.py): apply -> Succeeded, status lag, API-server writes
+# per Agent, on a control plane, PostgreSQL, NATS and workers of its own (all stopped at the
+# end). Prints a table; writes the figures under "operator" in bench/results.json.
+bench-operator: $(STAMP) tools
+	$(PY) -m bench.operator

@@ -1,0 +1,135 @@
+"""From the workers' status bucket to the Agent's status: phases, conditions, history.
+
+Pure functions over plain dicts (the resource's JSON), so the rules are tested without a
+cluster. The operator merges each bucket value into the status the Agent holds and patches
+only what changed.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from .resource import ERROR_LIMIT, HISTORY_LIMIT, Phase
+
+#: Condition types, in the order they are listed.
+TRIGGERED, RUNNING, COMPLETE, FAILED, BUS = (
+    "Triggered", "Running", "Complete", "Failed", "BusAvailable")
+_ORDER = {kind: i for i, kind in enumerate((TRIGGERED, RUNNING, COMPLETE, FAILED, BUS))}
+
+
+def now() -> str:
+    """The current time as Kubernetes writes it (RFC 3339, seconds, UTC)."""
+    return _kube_time(datetime.now(UTC))
+
+
+def _kube_time(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _time_of(value: dict[str, Any]) -> str:
+    raw = value.get("updated_at")
+    try:
+        return _kube_time(datetime.fromisoformat(str(raw)))
+    except ValueError:
+        return now()
+
+
+def set_condition(conditions: list[dict[str, Any]], kind: str, status: str, reason: str,
+                  message: str = "", generation: int | None = None,
+                  at: str | None = None) -> list[dict[str, Any]]:
+    """``conditions`` with ``kind`` set; its time moves only when its status changes."""
+    old = next((c for c in conditions if c.get("type") == kind), None)
+    when = at or now()
+    if old is not None and old.get("status") == status:
+        when = str(old.get("lastTransitionTime", when))
+    new: dict[str, Any] = {"type": kind, "status": status, "reason": reason, "message": message,
+           "lastTransitionTime": when}
+    if generation is not None:
+        new["observedGeneration"] = generation
+    rest = [c for c in conditions if c.get("type") != kind]
+    return sorted([*rest, new], key=lambda c: _ORDER.get(str(c.get("type")), len(_ORDER)))
+
+
+def phase_of(value: dict[str, Any]) -> Phase:
+    """The Agent phase of a bucket value (``status``: running/succeeded/failed/cancelled)."""
+    return Phase(str(value.get("status", "running")).capitalize())
+
+
+def merge(status: dict[str, Any], value: dict[str, Any], generation: int | None
+          ) -> dict[str, Any]:
+    """The Agent status after bucket value ``value``; ``status`` when it says nothing new.
+
+    A value older than what the status shows (an earlier step, or running after finished)
+    is ignored: the bucket never moves back, and neither does the Agent.
+    """
+    phase = phase_of(value)
+    step = int(value.get("step", 0))
+    node = str(value.get("node") or "")
+    shown = Phase(status["phase"]) if status.get("phase") else Phase.PENDING
+    shown_step = int(status.get("step") or 0)
+    if shown.finished or (step, phase.finished) < (shown_step, False):
+        return status
+    if (phase, step, node) == (shown, shown_step, status.get("currentNode")):
+        return status
+    at = _time_of(value)
+    new = dict(status)
+    new.update(phase=phase.value, currentNode=node, step=step)
+    if generation is not None:
+        new["observedGeneration"] = generation
+    history = list(status.get("history") or [])
+    if not history or history[-1].get("step") != step or history[-1].get("phase") != phase:
+        history.append({"step": step, "node": node, "phase": phase.value, "time": at})
+    new["history"] = history[-HISTORY_LIMIT:]
+    conditions = list(status.get("conditions") or [])
+    if phase is Phase.RUNNING:
+        conditions = set_condition(conditions, RUNNING, "True", "NodeRunning",
+                                   f"at node {node}, step {step}", generation, at)
+    else:
+        reason = str(value.get("reason") or _default_reason(phase))
+        error = str(value.get("error") or "")
+        message = _cut(error) if error else f"finished at node {node} after {step} step(s)"
+        conditions = set_condition(conditions, RUNNING, "False", reason, message, generation,
+                                   at)
+        if phase is Phase.SUCCEEDED:
+            conditions = set_condition(conditions, COMPLETE, "True", "Succeeded", message,
+                                       generation, at)
+        else:
+            conditions = set_condition(conditions, FAILED, "True", reason, message, generation,
+                                       at)
+            new["error"] = _cut(error) if error else reason
+        new["completionTime"] = at
+    new["conditions"] = conditions
+    return new
+
+
+def _default_reason(phase: Phase) -> str:
+    return {Phase.SUCCEEDED: "Succeeded", Phase.CANCELLED: "Cancelled"}.get(phase, "NodeFailed")
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= ERROR_LIMIT else text[: ERROR_LIMIT - 1] + "…"
+
+
+def with_bus(status: dict[str, Any], available: bool, detail: str = "") -> dict[str, Any]:
+    """``status`` with the BusAvailable condition set (only unfinished Agents carry it)."""
+    phase = status.get("phase")
+    if phase and Phase(phase).finished:
+        return status
+    if available:
+        known = any(c.get("type") == BUS for c in status.get("conditions") or [])
+        if not known:
+            return status  # nothing to clear: the bus was never reported down
+        reason, message = "BusReconnected", "NATS is reachable again"
+    else:
+        reason, message = "BusUnavailable", detail or "NATS is unreachable; retrying"
+    conditions = set_condition(list(status.get("conditions") or []), BUS,
+                               "True" if available else "False", reason, message)
+    if conditions == status.get("conditions"):
+        return status
+    return {**status, "conditions": conditions}
+
+
+def changed(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The top-level fields of ``new`` that differ from ``old`` (a merge patch's body)."""
+    return {key: value for key, value in new.items() if old.get(key) != value}
