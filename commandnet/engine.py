@@ -393,6 +393,8 @@ class Engine:
         that was not alone may have been any step's doing and uses up no attempt."""
         await self._alone.wait()
         alone = not self._leased
+        if alone:  # shut until the lease says whether this is a suspect (which keeps it shut)
+            self._alone.clear()
         self._leased += 1
         try:
             await self._lease_and_run(event, delivery, alone)
@@ -402,9 +404,8 @@ class Engine:
                 self._alone.set()
 
     async def _lease_and_run(self, event: StepEvent, delivery: Delivery, alone: bool) -> None:
-        lease = await self.persistence.load_and_lock_agent(
-            event.agent_id, event.step, self.owner, self.lease_seconds, self.pool, alone
-        )
+        lease = await self.persistence.load_and_lock_agent(event.agent_id, event.step, self.owner,
+                                                           self.lease_seconds, self.pool, alone)
         await self._notify_delivery(event.kind, delivery, lease.state.value)
         if lease.state is LeaseState.BUSY:
             await delivery.nack(min(max(lease.retry_after, 0.01), self.lease_seconds))
@@ -416,8 +417,8 @@ class Engine:
             await delivery.ack()  # a duplicate or stale event: the store has moved on
             return
         rec = lease.record
-        if alone and rec.crashes:
-            self._alone.clear()
+        if alone and not rec.crashes:
+            self._alone.set()
         attempt = rec.attempts  # counted by the lease, so a worker that dies still used one
         started = time.monotonic()
         try:

@@ -388,3 +388,43 @@ async def test_a_forgotten_lease_is_retried_on_real_stores(
     rec = await engine.wait_for("f2", timeout=10)
     assert (rec.status, forgotten) == (AgentStatus.SUCCEEDED, [0])
     assert [h.step for h in await engine.get_history("f2")] == [1, 2]
+
+
+# ------------------------------------------- 2. a suspect step on an idle worker runs alone
+
+RUNS: list[tuple[str, str]] = []
+
+
+class Timed(Node[Ledger], retry=FAST):
+    async def run(self, ctx: Ledger) -> None:
+        RUNS.append((ctx.entries[0], "start"))
+        await asyncio.sleep(0.1)
+        RUNS.append((ctx.entries[0], "end"))
+
+
+async def test_a_suspect_step_runs_alone_even_while_its_lease_is_in_flight(
+        engines: list[Engine]) -> None:
+    """The gate shuts as an idle worker starts a lease, not when the lease comes back: a step
+    fetched meanwhile must not run beside a suspect whose worker may die (CI saw a bystander
+    counted 8 deaths that way)."""
+    RUNS.clear()
+    store = InMemoryPersistence()
+    engine = engine_for(engines, store, "default", Timed, lease_seconds=5)
+    await engine.trigger_agent("suspect", Timed, Ledger(entries=["suspect"]))
+    # A worker took the step and died: its lease is never settled, so the step is a suspect.
+    lease = await store.load_and_lock_agent("suspect", 0, "dead", 0.05, "default", True)
+    assert lease.state is LeaseState.GRANTED
+    await asyncio.sleep(0.1)
+    await engine.trigger_agent("bystander", Timed, Ledger(entries=["bystander"]))
+    real = store.load_and_lock_agent
+
+    async def slow_lease(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.05)  # a store round trip, during which the next step arrives
+        return await real(*args, **kwargs)
+
+    store.load_and_lock_agent = slow_lease  # type: ignore[method-assign]
+    await engine.start_worker()
+    for agent in ("suspect", "bystander"):
+        assert (await engine.wait_for(agent, timeout=10)).status is AgentStatus.SUCCEEDED
+    assert RUNS == [("suspect", "start"), ("suspect", "end"), ("bystander", "start"),
+                    ("bystander", "end")], RUNS
