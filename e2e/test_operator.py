@@ -16,6 +16,7 @@ from commandnet.local.postgres import PostgresServer
 from e2e.localcluster import LocalCluster
 from e2e.operator_stack import OperatorStack, agent_manifest, scratch_database
 from tests.graphs.procs import wait_until
+from tests.test_distributed_faults import sql
 
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(900)]
 _names = itertools.count(1)
@@ -41,18 +42,9 @@ def ns(stack: OperatorStack) -> Iterator[str]:
 
 def history_rows(stack: OperatorStack, agent_id: str) -> list[tuple[int, str, str]]:
     """(step, from, to) of every transition the store holds for the agent."""
-    import asyncpg
-
-    async def go() -> list[tuple[int, str, str]]:
-        conn = await asyncpg.connect(stack.store_url)
-        try:
-            rows = await conn.fetch("SELECT step, from_node, to_node FROM history "
-                                    "WHERE agent_id = $1 ORDER BY step", agent_id)
-        finally:
-            await conn.close()
-        return [(r["step"], r["from_node"], r["to_node"]) for r in rows]
-
-    return asyncio.run(go())
+    rows = sql(stack.store_url, "SELECT step, from_node, to_node FROM history "
+               "WHERE agent_id = $1 ORDER BY step", agent_id)
+    return [(r["step"], r["from_node"], r["to_node"]) for r in rows]
 
 
 def condition(agent: dict[str, Any], kind: str) -> dict[str, Any] | None:
@@ -149,18 +141,9 @@ def stored_status(stack: OperatorStack, agent_id: str) -> str | None:
 
 
 def stored_ids(stack: OperatorStack, prefix: str) -> dict[str, str]:
-    import asyncpg
-
-    async def go() -> dict[str, str]:
-        conn = await asyncpg.connect(stack.store_url)
-        try:
-            rows = await conn.fetch("SELECT agent_id, status FROM agents WHERE agent_id "
-                                    "LIKE $1", prefix.replace("%", r"\%") + "%")
-        finally:
-            await conn.close()
-        return {r["agent_id"]: r["status"] for r in rows}
-
-    return asyncio.run(go())
+    rows = sql(stack.store_url, "SELECT agent_id, status FROM agents WHERE agent_id LIKE $1",
+               prefix.replace("%", r"\%") + "%")
+    return {r["agent_id"]: r["status"] for r in rows}
 
 
 def test_webhook_refuses_an_unknown_start_node_naming_the_nodes(stack: OperatorStack,

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from commandnet.adapters.nats_graphs import DEFAULT_GRAPH_BUCKET
+from commandnet.adapters.nats_status import DEFAULT_BUCKET
 from commandnet.worker.settings import BusSettings
 
 
@@ -22,9 +24,9 @@ class OperatorSettings(BusSettings):
         default_factory=list,
         description="namespaces whose Agents this operator serves (a JSON list; empty: all, "
                     "cluster-wide)")
-    status_bucket: str = Field(default="COMMANDNET_STATUS",
+    status_bucket: str = Field(default=DEFAULT_BUCKET,
                                description="the workers' KV bucket of agent statuses")
-    graph_bucket: str = Field(default="COMMANDNET_GRAPHS",
+    graph_bucket: str = Field(default=DEFAULT_GRAPH_BUCKET,
                               description="the workers' KV bucket of pool graphs")
     status_window: float = Field(
         default=0.5, gt=0,

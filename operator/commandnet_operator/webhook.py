@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import kopf
-from kopf._cogs.structs import reviews
 
 from commandnet.local.certs import CertAuthority, TlsFiles
 
@@ -43,11 +42,11 @@ class ServiceWebhookServer(kopf.WebhookServer):
         self.namespace = namespace
         self.service_port = service_port
 
-    async def __call__(self, fn: reviews.WebhookFn) -> AsyncIterator[reviews.WebhookClientConfig]:
+    async def __call__(self, fn: kopf.WebhookFn) -> AsyncIterator[kopf.WebhookClientConfig]:
         async for config in super().__call__(fn):
-            yield reviews.WebhookClientConfig(
+            yield kopf.WebhookClientConfig(
                 caBundle=config.get("caBundle"),
-                service=reviews.WebhookClientConfigService(
+                service=kopf.WebhookClientConfigService(
                     name=self.service, namespace=self.namespace, port=self.service_port,
                     path=self.path or ""))
 
