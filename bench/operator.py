@@ -1,6 +1,6 @@
 """``make bench-operator``: the operator's latency and API-server cost, on a real control plane.
 
-Starts its own control plane (``e2e.localcluster.LocalCluster``; etcd + kube-apiserver unless
+Starts its own control plane (``e2e.testbed.LocalCluster``; etcd + kube-apiserver unless
 ``--controllers``), a PostgreSQL, and :class:`e2e.operator_stack.OperatorStack` (NATS, 2
 ``commandnet worker`` processes, the operator with its default settings). Agents are created
 from this process with kubernetes_asyncio; one watch on Agents (per namespace) records, on this
@@ -575,7 +575,7 @@ async def run_lag(stack: Any, kube: Any, bucket: BucketWatch, agents: int, delay
 
 
 def _start_cluster(workdir: Path, controllers: bool) -> Any:
-    from e2e.localcluster import CONTROL_PLANE_TOOLS, start_cluster
+    from e2e.testbed import CONTROL_PLANE_TOOLS, start_cluster
 
     return start_cluster(workdir, CONTROL_PLANE_TOOLS if controllers else CONTROL_PLANE_TOOLS[:2])
 

@@ -1,12 +1,13 @@
-"""Local Kubernetes control-plane fixtures (issue 4; docs/kubernetes-testbed.md).
+"""Local Kubernetes test-bed fixtures (docs/kubernetes-testbed.md; the bed is `e2e.testbed`).
 
 - `kube_tools`: the paths of the tools `make tools` installs; FAILS (never skips) when missing.
 - `kube` (session): etcd + kube-apiserver + kube-controller-manager + kube-scheduler, started
-  once per test session on free loopback ports; yields an `e2e.localcluster.LocalCluster`:
-  `.kubeconfig`, `.server`, `await .api_client()` (kubernetes_asyncio), `.kubectl(...)`,
-  `.helm(...)`, `.run_tool("untt", ...)`, `.env()`. Torn down even when tests fail.
-- `kube_with_node` (session): another such control plane plus a real node (kubelet, containerd,
-  runc; e2e/localnode.py), so pods run. Needs root and a few Debian packages.
+  once per test session on free ports; yields an `e2e.testbed.LocalCluster`: `.kubeconfig`,
+  `.server`, `await .api_client()` (kubernetes_asyncio), `.kubectl(...)`, `.helm(...)`,
+  `.run_tool("untt", ...)`, `.env()`. No node: pods stay Pending. Torn down even when tests fail.
+- `kube_with_node` (session): another control plane plus node "localhost" (kubelet, containerd,
+  runc), kube-proxy and CoreDNS: pods run, Services and `*.svc.cluster.local` names work as on any
+  cluster. Needs root and a few Debian packages.
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from e2e.localcluster import LocalCluster, ToolsMissingError, find_tools, start_cluster
+from e2e.testbed import (
+    LocalCluster,
+    ToolsMissingError,
+    find_tools,
+    node_prerequisites,
+    start_cluster,
+)
 
 
 @pytest.fixture(scope="session")
@@ -43,26 +50,25 @@ def kube(kube_tools: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
 def kube_with_node(
     kube_tools: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LocalCluster]:
-    """A control plane of its own plus a real node "localhost" (kubelet + containerd + runc):
-    pods run, with images `localhost/busybox:1` and `localhost/pause:3.10` imported (use
-    `imagePullPolicy: Never`). Needs root and Debian packages (e2e/localnode.py); FAILS, with
-    the fix, when they are missing."""
-    from e2e.localnode import LocalNode, node_prerequisites
-
+    """A control plane of its own plus node "localhost" (kubelet + containerd + runc),
+    kube-proxy (iptables mode) and CoreDNS (`kube-dns` at 10.96.0.10): pods run, reach Services
+    by ClusterIP and by `name.ns.svc.cluster.local`, and reach the API server at
+    `kubernetes.default.svc`. Images `localhost/busybox:1`, `localhost/pause:3.10` and
+    `localhost/coredns:<version>` are imported (use `imagePullPolicy: Never`; more with
+    `cluster.node.import_archive(path)`). Needs root, Debian packages and the kube-proxy and
+    coredns tools; FAILS, with the fix, when something is missing. Tests that need a node use
+    this one: kube-proxy's iptables chains are machine-wide, so a second bed with a node is
+    refused while this one runs."""
     message = ""
     try:
         node_prerequisites()
+        find_tools(["kube-proxy", "coredns"])
     except ToolsMissingError as exc:
         message = str(exc)
     if message:
         pytest.fail(message, pytrace=False)  # loudly, never a skip
-    cluster = start_cluster(tmp_path_factory.mktemp("kube-node"))
-    node: LocalNode | None = None
+    cluster = start_cluster(tmp_path_factory.mktemp("kube-node"), node=True)
     try:
-        node = LocalNode(cluster, cluster.workdir / "node").start()
-        cluster.node = node
         yield cluster
     finally:
-        if node is not None:
-            node.stop()
         cluster.stop()

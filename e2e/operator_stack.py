@@ -22,7 +22,7 @@ from typing import Any
 from commandnet.local.nats import NatsServer
 from commandnet.local.postgres import PostgresServer
 from commandnet.local.process import free_port
-from e2e.localcluster import LocalCluster
+from e2e.testbed import LocalCluster
 from tests.graphs.procs import REPO, WorkerProc, clean_env, http_get, wait_until
 
 CRDS = REPO / "crds"

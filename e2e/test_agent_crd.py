@@ -28,7 +28,7 @@ from commandnet_operator.resource import (
     Phase,
     Transition,
 )
-from e2e.localcluster import LocalCluster
+from e2e.testbed import LocalCluster
 from tests.graphs.procs import wait_until
 
 pytestmark = pytest.mark.kube

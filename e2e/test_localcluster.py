@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
-from e2e.localcluster import LocalCluster, read_versions, run_tool, tool_env
+from e2e.testbed import LocalCluster, read_versions, run_tool, tool_env
 
 pytestmark = pytest.mark.kube
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e.localcluster import (
+from e2e.testbed import (
     REPO_ROOT,
     ClusterError,
     LocalCluster,
@@ -123,7 +123,7 @@ def test_live_folder_is_refused_and_stop_leaves_no_process(
 
 def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "e2e.localcluster", *args],
+        [sys.executable, "-m", "e2e.testbed", *args],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, check=False,
     )
 

@@ -9,8 +9,7 @@ import time
 
 import pytest
 
-from e2e.localcluster import LocalCluster
-from e2e.localnode import BUSYBOX_IMAGE, NODE_NAME, POD_CIDR
+from e2e.testbed import BUSYBOX_IMAGE, NODE_NAME, POD_CIDR, LocalCluster
 
 pytestmark = pytest.mark.kube
 
@@ -72,7 +71,7 @@ def test_pod_runs_to_completion_and_its_log_is_read(kube_with_node: LocalCluster
 
 
 def test_python_pod_from_a_locally_built_debian_image(kube_with_node: LocalCluster) -> None:
-    from e2e.localnode import PYTHON_IMAGE
+    from e2e.testbed import PYTHON_IMAGE
 
     k = kube_with_node
     node = k.node

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from commandnet.local.postgres import PostgresServer
-from e2e.localcluster import LocalCluster
 from e2e.operator_stack import OperatorStack, agent_manifest, scratch_database
+from e2e.testbed import LocalCluster
 from tests.graphs.procs import wait_until
 from tests.test_distributed_faults import sql
 

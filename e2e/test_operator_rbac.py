@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 from commandnet.local.postgres import PostgresServer
-from e2e.localcluster import LocalCluster
 from e2e.operator_stack import OperatorProc, OperatorStack, agent_manifest, scratch_database
+from e2e.testbed import LocalCluster
 from tests.graphs.procs import REPO, wait_until
 
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(600)]

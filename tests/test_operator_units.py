@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -164,3 +166,26 @@ def test_a_webhook_certificate_is_given_whole_or_not_at_all(
     monkeypatch.setenv("COMMANDNET_WEBHOOK_CERT_FILE", "/certs/tls.crt")
     with pytest.raises(ValueError, match="together, or none of them"):
         OperatorSettings()
+
+
+@pytest.mark.parametrize(("configuration", "managed"), [
+    ("commandnet.io", "commandnet.io"),  # the default: kopf creates and keeps them current
+    ("", None),  # the Helm chart owns them: kopf serves the webhook only
+])
+async def test_an_empty_webhook_configuration_leaves_the_configurations_unmanaged(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, configuration: str,
+        managed: str | None) -> None:
+    import kopf
+
+    from commandnet_operator.handlers import configure
+
+    monkeypatch.setenv("COMMANDNET_WEBHOOK_CONFIGURATION", configuration)
+    monkeypatch.setenv("COMMANDNET_WEBHOOK_CERT_DIR", str(tmp_path))
+    ours = OperatorSettings()
+    started: list[bool] = []
+    memo = SimpleNamespace(settings=ours, link=SimpleNamespace(start=lambda: started.append(True)))
+    settings = kopf.OperatorSettings()
+    await configure(settings=settings, memo=memo)
+    assert settings.admission.managed == managed
+    assert settings.admission.server is not None  # served either way
+    assert started == [True]

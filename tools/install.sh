@@ -109,6 +109,10 @@ build_kubelet() {
   go_build_k8s kubelet kubelet
 }
 
+build_kube_proxy() {
+  go_build_k8s kube-proxy kube-proxy
+}
+
 build_etcd() {
   local key=etcd-$ETCD_VERSION
   if cached "$key" etcd; then link "$key" etcd; return; fi
@@ -161,19 +165,31 @@ build_helm_unittest() {
   ln -sfn "$CACHE/$key/untt" "$PLUGINS/unittest/untt"
 }
 
-build_kind() {
-  local key=kind-$KIND_VERSION
-  if cached "$key" kind; then link "$key" kind; return; fi
+# CoreDNS with its default plugin set (`go install` of the main module: it has no replaces).
+# go_install NAME VERSION PACKAGE BINARY: `go install PACKAGE@VERSION` into the cache.
+go_install() {
+  local key=$1-$2 pkg=$3 bin=$4
+  if cached "$key" "$bin"; then link "$key" "$bin"; return; fi
   local tmp
   tmp=$(mktemp -d "$CACHE/.build-$key.XXXX")
-  log "building kind $KIND_VERSION"
+  log "building $1 $2"
   (cd "$CACHE/src" && GOBIN=$tmp timed "$key" "${NICE[@]}" go install -trimpath -ldflags "-s -w" \
-    "sigs.k8s.io/kind@$KIND_VERSION")
+    "$pkg@$2")
   publish "$key" "$tmp"
-  link "$key" kind
+  link "$key" "$bin"
 }
 
-DEFAULT=(kubernetes kubelet etcd helm helm_unittest kind)
+build_coredns() { go_install coredns "$COREDNS_VERSION" github.com/coredns/coredns coredns; }
+
+# kind: for users with Docker (`make e2e-kind`); it cannot run here.
+build_kind() { go_install kind "$KIND_VERSION" sigs.k8s.io/kind kind; }
+
+# actionlint: tests/test_workflows.py lints .github/workflows/ with it.
+build_actionlint() {
+  go_install actionlint "$ACTIONLINT_VERSION" github.com/rhysd/actionlint/cmd/actionlint actionlint
+}
+
+DEFAULT=(kubernetes kubelet kube_proxy coredns etcd helm helm_unittest kind actionlint)
 targets=("$@")
 [[ ${#targets[@]} -gt 0 ]] || targets=("${DEFAULT[@]}")
 rm -rf "$CACHE"/.build-* 2>/dev/null || true

@@ -91,7 +91,8 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> Non
     settings.peering.stealth = True
     if ours.webhook_enabled:
         settings.admission.server = webhook_server(ours)
-        settings.admission.managed = ours.webhook_configuration
+        # Empty: the configurations are someone else's (the Helm chart's); only serve.
+        settings.admission.managed = ours.webhook_configuration or None
     memo.link.start()
 
 

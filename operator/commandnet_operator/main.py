@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 
 import click
@@ -37,7 +38,25 @@ def main() -> None:
     except (ValidationError, SettingsError) as exc:
         raise click.ClickException(f"invalid settings: {exc}") from None
     setup_logging(settings.log_level, settings.log_format, settings.secrets())
+    quiet_library_logs()
     sys.exit(asyncio.run(run(settings)))
+
+
+class _DropKopfSettings(logging.Filter):
+    """kopf attaches its whole OperatorSettings to each object-log record as ``settings``: a
+    kilobyte of repetition per line in JSON logs; the object reference (``k8s_ref``) stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.__dict__.pop("settings", None)
+        return True
+
+
+def quiet_library_logs() -> None:
+    """No access-log line per probe or webhook call (aiohttp logs each at INFO), no settings
+    dump per kopf record."""
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropKopfSettings())
 
 
 async def run(settings: OperatorSettings) -> int:
@@ -54,7 +73,9 @@ async def run(settings: OperatorSettings) -> int:
         namespaces=settings.namespaces,
         standalone=settings.standalone,
         priority=settings.priority,
-        peering_name=settings.peering,
+        # A peering name makes kopf's peering mandatory: every watch stays paused until the
+        # peering CRD exists, even in standalone mode. Standalone asks for no peering at all.
+        peering_name=None if settings.standalone else settings.peering,
         liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz"
         if settings.health_port else None,
     )

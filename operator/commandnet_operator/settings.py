@@ -81,7 +81,9 @@ class OperatorSettings(BusSettings):
     log_format: Literal["json", "text"] = Field(default="json", description="json or text")
     webhook_configuration: str = Field(
         default="commandnet.io",
-        description="name of the ValidatingWebhookConfiguration the operator keeps current")
+        description="name of the Validating- and MutatingWebhookConfiguration the operator "
+                    "creates and keeps current; empty: serve the webhook only, the "
+                    "configurations are managed elsewhere (the Helm chart)")
 
     @model_validator(mode="after")
     def _whole_certificate(self) -> OperatorSettings:
