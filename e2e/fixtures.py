@@ -8,6 +8,9 @@
 - `kube_with_node` (session): another control plane plus node "localhost" (kubelet, containerd,
   runc), kube-proxy and CoreDNS: pods run, Services and `*.svc.cluster.local` names work as on any
   cluster. Needs root and a few Debian packages.
+- `kube_autoscaling` (session, opt-in): `kube_with_node` plus metrics-server (`kubectl top`, CPU
+  HPAs) and KEDA's operator and metrics API server (ScaledObjects), stopped when the session's
+  last user is done; the same bed, since only one bed with a node runs per machine.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from pathlib import Path
 import pytest
 
 from e2e.testbed import (
+    AUTOSCALING_TOOLS,
     LocalCluster,
     ToolsMissingError,
     find_tools,
     node_prerequisites,
+    start_autoscaling,
     start_cluster,
 )
 
@@ -72,3 +77,26 @@ def kube_with_node(
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def kube_autoscaling(kube_with_node: LocalCluster) -> Iterator[LocalCluster]:
+    """`kube_with_node` with metrics-server (metrics.k8s.io) and KEDA (external.metrics.k8s.io)
+    added: the controller manager's HPA scales on CPU and on KEDA's triggers. Its add-ons are
+    host processes (e2e/testbed/metrics.py, keda.py); FAILS with "run `make tools`" when they
+    are not built. Costs ~6 s on top of the node bed (docs/kubernetes-testbed.md)."""
+    message = ""
+    try:
+        find_tools(AUTOSCALING_TOOLS)
+    except ToolsMissingError as exc:
+        message = str(exc)
+    if message:
+        pytest.fail(message, pytrace=False)  # loudly, never a skip
+    cluster = kube_with_node
+    before = list(cluster.addons)
+    try:
+        start_autoscaling(cluster)
+        yield cluster
+    finally:
+        for addon in reversed([a for a in cluster.addons if a not in before]):
+            cluster.remove(addon)

@@ -4,6 +4,7 @@ e2e.graphs:Hello``). Every node sleeps ``ctx.delay`` seconds, so a test can watc
 from __future__ import annotations
 
 import asyncio
+import time
 
 from pydantic import BaseModel, Field
 
@@ -78,3 +79,25 @@ class Six5(Node[Job]):
 class Six6(Node[Job]):
     async def run(self, ctx: Job) -> None:
         await _visit(self, ctx)
+
+
+def _spin(seconds: float) -> None:
+    deadline = time.thread_time() + seconds
+    while time.thread_time() < deadline:
+        sum(i * i for i in range(2_000))
+
+
+class Burn(Node[Job]):
+    """CPU-bound work (autoscaling tests): ``ctx.delay`` seconds of CPU, then Cool. In a
+    thread, as real CPU-bound steps should be, so the worker's loop still answers its probes
+    and renews its leases."""
+
+    async def run(self, ctx: Job) -> type[Cool]:
+        await asyncio.to_thread(_spin, ctx.delay)
+        ctx.trail.append(self.node_name)
+        return Cool
+
+
+class Cool(Node[Job]):
+    async def run(self, ctx: Job) -> None:
+        ctx.trail.append(self.node_name)

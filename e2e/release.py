@@ -122,6 +122,7 @@ class Release:
         self.graphs = list(graphs)
         self.worker_image = worker_image or cluster.images.graphs
         self.password = secrets.token_hex(12)
+        self._installed: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ set-up
 
@@ -168,10 +169,12 @@ class Release:
         return _merge(values, extra)
 
     def install(self, **extra: Any) -> None:
+        self._installed = extra
         self._helm("install", self.values(**extra))
 
     def upgrade(self, **extra: Any) -> None:
-        self._helm("upgrade", self.values(**extra))
+        """A new revision: the install's values with ``extra`` merged over them."""
+        self._helm("upgrade", self.values(**_merge(self._installed, extra)))
 
     def _helm(self, verb: str, values: dict[str, Any]) -> None:
         path = self.cluster.workdir / f"values-{verb}-{time.monotonic_ns()}.json"

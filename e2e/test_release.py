@@ -50,7 +50,7 @@ def release(cluster: Cluster) -> Release:
     rel = Release(cluster, "cn-e2e")
     rel.create_namespace()
     rel.deploy_servers()
-    rel.install()
+    rel.install(operator={"watchNamespaces": [rel.namespace]})
     return rel
 
 
@@ -139,6 +139,7 @@ def test_helm_uninstall_leaves_nothing_but_the_crd_and_the_agents(release: Relea
     except AssertionError:
         raise AssertionError(f"left after helm uninstall: {left()}") from None
     everything = cluster.kubectl("get", cluster_kinds, "-o", "name").stdout.split()
-    assert not [h for h in everything if "commandnet" in h], everything
+    ours = f"/{release.name}-commandnet"
+    assert not [h for h in everything if ours in h], everything
     assert cluster.kubectl("get", "crd", "agents.commandnet.io", check=False).returncode == 0
     assert set(release.agents()) == agents_before

@@ -28,11 +28,18 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer(("", 8080), H).serve_forever()
 """
 CLIENT = """
-import json, ssl, urllib.request
+import json, ssl, time, urllib.error, urllib.request
 out = {}
 for name in ("web.svc-test.svc.cluster.local", "web"):
-    with urllib.request.urlopen(f"http://{name}/", timeout=10) as r:
-        out[name] = r.read().decode()
+    for attempt in range(40):  # kube-proxy programs a new endpoint within its sync period
+        try:
+            with urllib.request.urlopen(f"http://{name}/", timeout=10) as r:
+                out[name] = r.read().decode()
+            break
+        except (urllib.error.URLError, ConnectionError):
+            if attempt == 39:
+                raise
+            time.sleep(0.5)
 sa = "/var/run/secrets/kubernetes.io/serviceaccount"
 ctx = ssl.create_default_context(cafile=f"{sa}/ca.crt")
 req = urllib.request.Request(
@@ -48,14 +55,17 @@ print(json.dumps(out))
 """
 
 
-def python_pod(name: str, code: str, restart: str, labels: dict[str, str]) -> dict[str, object]:
+def python_pod(name: str, code: str, restart: str, labels: dict[str, str],
+               port: int | None = None) -> dict[str, object]:
+    container: dict[str, object] = {"name": name, "image": PYTHON_IMAGE,
+                                    "imagePullPolicy": "Never",
+                                    "command": ["python3", "-u", "-c", code]}
+    if port is not None:  # Ready once it listens, not once the process started
+        container["readinessProbe"] = {"tcpSocket": {"port": port}, "periodSeconds": 1}
     return {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "namespace": NS, "labels": labels},
-        "spec": {"restartPolicy": restart, "containers": [{
-            "name": name, "image": PYTHON_IMAGE, "imagePullPolicy": "Never",
-            "command": ["python3", "-u", "-c", code],
-        }]},
+        "spec": {"restartPolicy": restart, "containers": [container]},
     }
 
 
@@ -90,7 +100,7 @@ def test_services_and_dns_from_pods_host_and_api_server(kube_with_node: LocalClu
     }
     k.kubectl("apply", "-f", "-", input=json.dumps(
         {"apiVersion": "v1", "kind": "List",
-         "items": [service, python_pod("web", SERVER, "Always", {"app": "web"})]}))
+         "items": [service, python_pod("web", SERVER, "Always", {"app": "web"}, port=8080)]}))
     wait_phase(k, "web", ("Running",))
 
     # From a pod: the Service by its full and its short DNS name; the API server by

@@ -4,8 +4,8 @@
 .PHONY: tools cluster-up cluster-down e2e-kube
 
 # helm, helm-unittest (untt + a local helm plugin), etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl, kubelet, kube-proxy, coredns, kind -> .tools/bin. Seconds when already
-# built.
+# kube-scheduler, kubectl, kubelet, kube-proxy, coredns, metrics-server, keda + keda-adapter,
+# kind -> .tools/bin. Seconds when already built.
 tools:
 	bash tools/install.sh
 

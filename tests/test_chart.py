@@ -1,9 +1,11 @@
 """The Helm chart (charts/commandnet): lint, helm-unittest, the values schema, and what must not
 drift from the rest of the repository — the Agent CRD (crds/), the operator's RBAC
-(operator/rbac/clusterrole.yaml) and the admission webhooks kopf would register for the
-operator's handlers. Then the rendered manifests (defaults, and ci/full-values.yaml) go through
-a server-side dry-run on the local API server, into a namespace that enforces Pod Security
-"restricted", with no warning allowed.
+(operator/rbac/clusterrole.yaml), the admission webhooks kopf would register for the
+operator's handlers, and a pool's KEDA trigger (the worker's own stream and consumer names,
+metadata keys KEDA's nats-jetstream scaler reads). Then the rendered manifests (defaults, and
+ci/full-values.yaml) go through a server-side dry-run on the local API server, into a namespace
+that enforces Pod Security "restricted", with no warning allowed; the dry-run knows
+prometheus-operator's ServiceMonitor and KEDA's ScaledObject CRDs.
 
 The tools come from `make tools` (.tools/bin); a missing one fails with "run `make tools`".
 """
@@ -29,6 +31,9 @@ from kopf._cogs.structs import references
 from kopf._core.engines.admission import build_webhooks
 from kopf._core.intents.causes import WebhookType
 
+from commandnet.adapters.nats import JetStreamBus
+from commandnet.worker.process import _make_bus
+from commandnet.worker.settings import WorkerSettings
 from commandnet_operator import crd
 from commandnet_operator.handlers import registry
 from commandnet_operator.resource import (
@@ -42,6 +47,7 @@ from commandnet_operator.resource import (
 )
 from commandnet_operator.settings import OperatorSettings
 from e2e.testbed import LocalCluster, run_tool, tool_env
+from e2e.testbed.tools import read_versions
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "commandnet"
@@ -54,6 +60,11 @@ SECRET = ["--set", "connection.existingSecret=commandnet-connection"]
 # prometheus-operator's ServiceMonitor CRD, from its Go module (module proxy), for the dry-run.
 PROMETHEUS_OPERATOR = "github.com/prometheus-operator/prometheus-operator@v0.85.0"
 SERVICEMONITOR_CRD = "example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml"
+# KEDA's Go module (the version the test bed builds, tools/versions.env): its ScaledObject CRD
+# for the dry-run, and its nats-jetstream scaler, whose metadata keys the chart must use.
+KEDA = f"github.com/kedacore/keda/v2@{read_versions()['KEDA_VERSION']}"
+SCALEDOBJECT_CRD = "config/crd/bases/keda.sh_scaledobjects.yaml"
+NATS_JETSTREAM_SCALER = "pkg/scalers/nats_jetstream_scaler.go"
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +137,12 @@ def test_helm_unittest_suites_pass(env: dict[str, str]) -> None:
     ("operator:\n  webhook:\n    port: 70000\n", "at '/operator/webhook/port': maximum"),
     ("pools:\n- name: Orders_1\n  graph: [a.b:C]\n",
      "at '/pools/0/name': 'Orders_1' does not match pattern"),
+    ("pools:\n- name: a\n  graph: [a.b:C]\n  autoscaling: {enabled: true, minReplicas: 0}\n",
+     "at '/pools/0/autoscaling/minReplicas': minimum: got 0, want 1"),
+    ("workers:\n  keda: {lagThreshold: \"64\"}\n",
+     "at '/workers/keda/lagThreshold': got string, want null or integer"),
 ], ids=["string-for-integer", "pool-replicas-string", "pool-without-graph", "unknown-key",
-        "port-range", "pool-name"])
+        "port-range", "pool-name", "hpa-min-replicas-zero", "keda-lag-string"])
 def test_the_schema_refuses_wrong_values_saying_where(
         env: dict[str, str], tmp_path: Path, values: str, message: str) -> None:
     bad = tmp_path / "values.yaml"
@@ -287,19 +302,96 @@ def test_the_operator_mounts_the_certificate_it_is_told_to_read(
     assert parsed.webhook_ca_file == f"{folder}/ca.crt"
 
 
+# ------------------------------------- what must not drift: the KEDA trigger's JetStream names
+
+
+@pytest.fixture(scope="module")
+def keda_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """KEDA's Go module (module proxy): its ScaledObject CRD and its scalers' source."""
+    return _go_module(KEDA, tmp_path_factory)
+
+
+def _worker_bus_names(deployment: dict[str, Any]) -> tuple[str, str]:
+    """The stream and durable consumer the worker of `deployment` consumes, as the worker
+    itself builds its bus from the pod's arguments (no connection is made)."""
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    pool = next(a.removeprefix("--pool=") for a in args if a.startswith("--pool="))
+    graphs = [a.removeprefix("--graph=") for a in args if a.startswith("--graph=")]
+    bus = _make_bus(WorkerSettings(pool=pool, graph=graphs, bus_url="nats://nats:4222"))
+    assert isinstance(bus, JetStreamBus)
+    return bus.stream, bus.consumer
+
+
+def test_the_keda_trigger_reads_the_stream_and_consumer_each_pools_workers_consume(
+        env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("COMMANDNET_"):
+            monkeypatch.delenv(name)
+    graph = ["commandnet.examples.orders:Intake"]
+    values = tmp_path / "keda.yaml"
+    values.write_text(yaml.safe_dump({
+        "workers": {"keda": {"enabled": True, "natsServerMonitoringEndpoint": "nats:8222"}},
+        "pools": [{"name": name, "graph": graph} for name in ("default", "batch-jobs", "x9")]}))
+    docs = render(env, *SECRET, "-f", str(values))
+    triggers = {d["spec"]["scaleTargetRef"]["name"]: d["spec"]["triggers"]
+                for d in docs if d["kind"] == "ScaledObject"}
+    deployments = [d for d in docs if d["kind"] == "Deployment"
+                   and d["metadata"]["labels"].get("app.kubernetes.io/component") == "worker"]
+    assert len(deployments) == len(triggers) == 3
+    for deployment in deployments:
+        assert "replicas" not in deployment["spec"]  # KEDA owns the scale
+        (trigger,) = triggers[deployment["metadata"]["name"]]
+        assert trigger["type"] == "nats-jetstream"
+        stream, consumer = _worker_bus_names(deployment)
+        assert (trigger["metadata"]["stream"], trigger["metadata"]["consumer"]) == (
+            stream, consumer), deployment["metadata"]["name"]
+
+
+def test_the_keda_lag_threshold_defaults_to_the_workers_max_in_flight(
+        env: dict[str, str]) -> None:
+    docs = render(env, *SECRET, "--set", "workers.keda.enabled=true",
+                  "--set", "workers.keda.natsServerMonitoringEndpoint=nats:8222")
+    trigger = one(docs, "ScaledObject")["spec"]["triggers"][0]
+    assert "COMMANDNET_MAX_IN_FLIGHT" not in container_env(
+        one(docs, "Deployment", f"{RELEASE}-commandnet-default"))
+    default = WorkerSettings.model_fields["max_in_flight"].default
+    assert trigger["metadata"]["lagThreshold"] == str(default)
+
+
+def test_the_keda_trigger_uses_only_metadata_keys_the_nats_jetstream_scaler_reads(
+        env: dict[str, str], keda_module: Path) -> None:
+    source = (keda_module / NATS_JETSTREAM_SCALER).read_text()
+    known = set(re.findall(r'keda:"name=(\w+)', source))
+    assert {"natsServerMonitoringEndpoint", "stream", "consumer", "lagThreshold"} <= known, (
+        f"{NATS_JETSTREAM_SCALER} changed shape: {sorted(known)}")
+    assert '"nats-jetstream"' in (keda_module / "pkg/scaling/scalers_builder.go").read_text()
+    so = next(d for d in render(env, "-f", str(FULL_VALUES)) if d["kind"] == "ScaledObject")
+    (trigger,) = so["spec"]["triggers"]
+    assert trigger["type"] == "nats-jetstream"
+    assert set(trigger["metadata"]) <= known, sorted(set(trigger["metadata"]) - known)
+    # Every value a string (the CRD's metadata is a map of strings).
+    assert all(isinstance(v, str) for v in trigger["metadata"].values()), trigger["metadata"]
+
+
 # ------------------------------------------------------------ the API server's judgement
 
 
 @pytest.fixture(scope="module")
-def restricted(kube: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A namespace enforcing Pod Security "restricted", and prometheus-operator's real
-    ServiceMonitor CRD (from its Go module, through the module proxy)."""
+def restricted(kube: LocalCluster, tmp_path_factory: pytest.TempPathFactory,
+               keda_module: Path) -> Iterator[str]:
+    """A namespace enforcing Pod Security "restricted", and the real CRDs of what the chart
+    may render beside core kinds: prometheus-operator's ServiceMonitor and KEDA's ScaledObject
+    (from their Go modules, through the module proxy)."""
     name = "chart-restricted"
     kube.kubectl("create", "namespace", name)
     kube.kubectl("label", "namespace", name, *(f"pod-security.kubernetes.io/{mode}=restricted"
                                                for mode in ("enforce", "warn", "audit")))
-    kube.kubectl("apply", "--server-side", "-f", str(_servicemonitor_crd(tmp_path_factory)))
-    _wait_established(kube, "servicemonitors.monitoring.coreos.com")
+    servicemonitors = _go_module(PROMETHEUS_OPERATOR, tmp_path_factory) / SERVICEMONITOR_CRD
+    for crd_file, crd_name in ((servicemonitors, "servicemonitors.monitoring.coreos.com"),
+                               (keda_module / SCALEDOBJECT_CRD, "scaledobjects.keda.sh")):
+        assert crd_file.is_file(), f"{crd_file} is missing from its module"
+        kube.kubectl("apply", "--server-side", "-f", str(crd_file))
+        _wait_established(kube, crd_name)
     try:
         yield name
     finally:
@@ -319,19 +411,19 @@ def _wait_established(kube: LocalCluster, name: str, within: float = 60.0) -> No
         time.sleep(0.5)
 
 
-def _servicemonitor_crd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _go_module(module: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of Go module `module` ("path@version") in the module cache (downloaded
+    through the module proxy the first time)."""
     go = next((str(Path(d) / "go") for d in [*os.environ.get("PATH", "").split(os.pathsep),
                                                "/usr/local/go/bin"] if (Path(d) / "go").exists()),
               None)
-    assert go, "no `go` command: it fetches prometheus-operator's CRD; run `make tools`"
+    assert go, f"no `go` command: it fetches {module}; run `make tools`"
     env = {**os.environ, "GOTOOLCHAIN": "local", "GOFLAGS": "-mod=mod"}
-    res = subprocess.run([go, "mod", "download", "-json", PROMETHEUS_OPERATOR],
+    res = subprocess.run([go, "mod", "download", "-json", module],
                          capture_output=True, text=True, env=env, timeout=300,
                          cwd=tmp_path_factory.mktemp("gomod"), check=False)
-    assert res.returncode == 0, f"go mod download {PROMETHEUS_OPERATOR} failed:\n{res.stderr}"
-    path = Path(json.loads(res.stdout)["Dir"]) / SERVICEMONITOR_CRD
-    assert path.is_file(), f"{path} is missing from the module"
-    return path
+    assert res.returncode == 0, f"go mod download {module} failed:\n{res.stderr}"
+    return Path(json.loads(res.stdout)["Dir"])
 
 
 def _dry_run(kube: LocalCluster, namespace: str, manifests: str
@@ -365,7 +457,7 @@ def test_rendered_manifests_pass_a_server_side_dry_run_under_restricted(
     assert {"Deployment", "Job", "PodDisruptionBudget", "CustomResourceDefinition",
             "ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"} <= kinds
     if values != SECRET:
-        assert "ServiceMonitor" in kinds
+        assert {"ServiceMonitor", "HorizontalPodAutoscaler", "ScaledObject"} <= kinds
     res = _dry_run(kube, restricted, out)
     assert res.returncode == 0, f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}"
     assert res.stderr.strip() == "", f"warnings from the API server:\n{res.stderr}"

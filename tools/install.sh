@@ -181,6 +181,48 @@ go_install() {
 
 build_coredns() { go_install coredns "$COREDNS_VERSION" github.com/coredns/coredns coredns; }
 
+# metrics-server: the resource-metrics API (metrics.k8s.io) the HPA reads. No replaces in its
+# go.mod; its Makefile stamps client-go's version variables.
+build_metrics_server() {
+  local key=metrics-server-$METRICS_SERVER_VERSION
+  if cached "$key" metrics-server; then link "$key" metrics-server; return; fi
+  local tmp pkg=k8s.io/client-go/pkg/version
+  tmp=$(mktemp -d "$CACHE/.build-$key.XXXX")
+  log "building metrics-server $METRICS_SERVER_VERSION"
+  (cd "$CACHE/src" && GOBIN=$tmp timed "$key" "${NICE[@]}" go install -trimpath -ldflags \
+    "-s -w -X $pkg.gitVersion=$METRICS_SERVER_VERSION -X $pkg.gitTreeState=clean" \
+    "sigs.k8s.io/metrics-server/cmd/metrics-server@$METRICS_SERVER_VERSION")
+  publish "$key" "$tmp"
+  link "$key" metrics-server
+}
+
+# KEDA: the operator (cmd/operator, upstream's binary name `keda`) and the metrics API server
+# (cmd/adapter, `keda-adapter`). Its go.mod has a replace, so `go install` refuses it: a wrapper
+# module repeats it. Both binaries in one `go build` (they share most packages).
+build_keda() {
+  local key=keda-$KEDA_VERSION m=github.com/kedacore/keda/v2
+  if cached "$key" keda keda-adapter; then link "$key" keda keda-adapter; return; fi
+  local src tmp
+  src=$(wrapper "$key" "$m" "$KEDA_VERSION")
+  tmp=$(mktemp -d "$CACHE/.build-$key.XXXX")
+  log "building KEDA $KEDA_VERSION (operator + adapter): the first time this takes a while"
+  local flags="-s -w -X $m/version.Version=${KEDA_VERSION#v} -X $m/version.GitCommit=none"
+  (cd "$src" && timed "$key keda" "${NICE[@]}" go build -trimpath -ldflags "$flags" \
+      -o "$tmp/keda" "$m/cmd/operator" &&
+    timed "$key keda-adapter" "${NICE[@]}" go build -trimpath -ldflags "$flags" \
+      -o "$tmp/keda-adapter" "$m/cmd/adapter")
+  # Its CRDs and RBAC, next to the binaries (e2e/testbed/keda.py applies them): copied from
+  # the module cache, never into the repository.
+  local dir
+  dir=$(cd "$src" && go list -m -f '{{.Dir}}' "$m")
+  mkdir -p "$tmp/config"
+  cp -r "$dir/config/crd/bases" "$tmp/config/crd"
+  cp -r "$dir/config/rbac" "$dir/config/metrics-server" "$tmp/config/"
+  chmod -R u+w "$tmp/config"
+  publish "$key" "$tmp"
+  link "$key" keda keda-adapter
+}
+
 # kind: for users with Docker (`make e2e-kind`); it cannot run here.
 build_kind() { go_install kind "$KIND_VERSION" sigs.k8s.io/kind kind; }
 
@@ -189,7 +231,8 @@ build_actionlint() {
   go_install actionlint "$ACTIONLINT_VERSION" github.com/rhysd/actionlint/cmd/actionlint actionlint
 }
 
-DEFAULT=(kubernetes kubelet kube_proxy coredns etcd helm helm_unittest kind actionlint)
+DEFAULT=(kubernetes kubelet kube_proxy coredns metrics_server keda etcd helm helm_unittest kind
+  actionlint)
 targets=("$@")
 [[ ${#targets[@]} -gt 0 ]] || targets=("${DEFAULT[@]}")
 rm -rf "$CACHE"/.build-* 2>/dev/null || true

@@ -2,6 +2,7 @@
 
 `up` starts it detached (it outlives this command) and prints `export KUBECONFIG=...` on stdout
 (messages go to stderr), so `eval "$(python -m e2e.testbed up)"` works; `down` stops it all;
+`up --autoscaling` adds metrics-server and KEDA;
 `import ARCHIVE...` puts OCI archives (e2e/testbed/images.py) into a running node's containerd.
 """
 
@@ -14,7 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from e2e.testbed.bed import start_node
+from e2e.testbed.apiservice import stop_from_state as stop_host_addon
+from e2e.testbed.bed import start_autoscaling, start_node
 from e2e.testbed.controlplane import DEFAULT_CLUSTER_DIR, LocalCluster, stop_from_state
 from e2e.testbed.errors import ClusterError
 from e2e.testbed.node import import_archive, stop_node_from_state
@@ -22,7 +24,8 @@ from e2e.testbed.procs import pid_alive
 from e2e.testbed.proxy import stop_proxy_from_state
 from e2e.testbed.tools import CONTROL_PLANE_TOOLS, read_versions
 
-STOPPERS = {"node": stop_node_from_state, "kube-proxy": stop_proxy_from_state}
+STOPPERS = {"node": stop_node_from_state, "kube-proxy": stop_proxy_from_state,
+            "metrics-server": stop_host_addon, "keda": stop_host_addon}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,6 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--node", action="store_true",
                         help="the full bed: plus a node (kubelet, containerd), kube-proxy and "
                              "CoreDNS (needs root)")
+    parser.add_argument("--autoscaling", action="store_true",
+                        help="the full bed plus metrics-server and KEDA (implies --node)")
     args = parser.parse_intermixed_args(argv)
     workdir: Path = args.dir.resolve()
 
@@ -69,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"export KUBECONFIG={state['kubeconfig']}")
         return 0
 
+    args.node = args.node or args.autoscaling
     if args.node and args.no_controllers:
         parser.error("--node needs the controllers")
     components = CONTROL_PLANE_TOOLS[:2] if args.no_controllers else CONTROL_PLANE_TOOLS
@@ -78,12 +84,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         cluster.start()
         if args.node:
             start_node(cluster, detach=True)
+        if args.autoscaling:
+            start_autoscaling(cluster, detach=True)
     except ClusterError as exc:
         if cluster is not None:
             cluster.stop()
         print(f"error: {exc}", file=sys.stderr)
         return 1
     what = "with node localhost, kube-proxy and CoreDNS " if args.node else ""
+    if args.autoscaling:
+        what += "and metrics-server and KEDA "
     print(f"local Kubernetes {read_versions().get('KUBERNETES_VERSION', '?')} is up {what}at "
           f"{cluster.server} (logs: {workdir / 'logs'}); stop it with `make cluster-down`",
           file=sys.stderr)

@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 DEFAULT_CLUSTER_DIR = REPO_ROOT / ".tools" / "cluster"
 CLUSTER_CIDR = "10.244.0.0/16"
 SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
+FRONT_PROXY_CN = "front-proxy-client"
+HPA_SYNC_PERIOD = "5s"
 START_TIMEOUT = float(os.environ.get("COMMANDNET_KUBE_START_TIMEOUT", "180"))
 
 
@@ -167,6 +169,9 @@ class LocalCluster:
                 "controller-manager": ("system:kube-controller-manager", []),
                 "scheduler": ("system:kube-scheduler", []),
                 "kubelet-client": ("kube-apiserver-kubelet-client", ["system:masters"]),
+                # The aggregator's client certificate towards extension API servers
+                # (metrics-server, KEDA's adapter); they trust it through requestheader-*.
+                "front-proxy-client": (FRONT_PROXY_CN, []),
             },
             host_ips=[self.host_ip],
         )
@@ -253,6 +258,7 @@ class LocalCluster:
         assert self.pki is not None
         pki = self.pki
         kubelet_crt, kubelet_key = pki.clients["kubelet-client"]
+        proxy_crt, proxy_key = pki.clients["front-proxy-client"]
         return [
             str(self.tools["kube-apiserver"]),
             f"--etcd-servers={self.etcd_url}",
@@ -275,6 +281,16 @@ class LocalCluster:
             f"--kubelet-client-key={kubelet_key}",
             # A local kubelet registers as node "localhost" (see kube_with_node): reach it there.
             "--kubelet-preferred-address-types=Hostname,InternalIP,ExternalIP",
+            # The aggregation layer: APIServices served by metrics-server and KEDA's adapter.
+            # One CA signs everything here; requestheader-allowed-names keeps other client
+            # certificates from asserting users through the X-Remote-* headers.
+            f"--requestheader-client-ca-file={pki.ca_cert}",
+            f"--requestheader-allowed-names={FRONT_PROXY_CN}",
+            "--requestheader-username-headers=X-Remote-User",
+            "--requestheader-group-headers=X-Remote-Group",
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+            f"--proxy-client-cert-file={proxy_crt}",
+            f"--proxy-client-key-file={proxy_key}",
             "--profiling=false",
             "--v=1",
         ]
@@ -302,6 +318,8 @@ class LocalCluster:
                 "--allocate-node-cidrs=true",
                 "--leader-elect=false",
                 "--controllers=*,bootstrapsigner,tokencleaner",
+                # The HPA controller every 5 s instead of 15 s: autoscaling tests stay short.
+                f"--horizontal-pod-autoscaler-sync-period={HPA_SYNC_PERIOD}",
                 "--v=1",
             ]
         if name == "kube-scheduler":
@@ -419,6 +437,13 @@ class LocalCluster:
         """Attach something started on top of this cluster: `stop()` stops it first."""
         self.addons.append(addon)
         self._write_state()
+
+    def remove(self, addon: AddOn) -> None:
+        """Stop an attached add-on now and forget it (the cluster goes on)."""
+        if addon in self.addons:
+            self.addons.remove(addon)
+            self._write_state()
+        addon.stop()
 
     def stop(self, remove: bool = False) -> None:
         """Stop the add-ons (reverse start order), then end every component's process group.

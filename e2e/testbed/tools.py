@@ -18,6 +18,7 @@ DEFAULT_HELM_PLUGINS = REPO_ROOT / ".tools" / "helm-plugins"
 CONTROL_PLANE_TOOLS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 CLIENT_TOOLS = ("kubectl", "helm", "untt")
 NODE_TOOLS = ("kubelet", "kube-proxy", "coredns")
+AUTOSCALING_TOOLS = ("metrics-server", "keda", "keda-adapter")
 
 
 def read_versions(path: Path = VERSIONS_FILE) -> dict[str, str]:

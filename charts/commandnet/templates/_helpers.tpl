@@ -214,11 +214,71 @@ loses a PEM's last newline): ca, crt, key (PEM); use fromJson.
 {{- end }}
 
 {{/*
-A pool's `replicas` field. The place where autoscaling plugs in: when an autoscaler owns the
-pool, this renders nothing so that `helm upgrade` does not reset the scale.
+Which autoscaler owns a pool's scale: "hpa" (autoscaling), "keda" or "" (none: `replicas`).
+The Deployment, HPA, ScaledObject and NOTES templates call it, so the checks no schema can make
+(across keys) fail the same way everywhere, naming the pool. Call with (dict "root" $ "pool"
+$pool), $pool merged.
+*/}}
+{{- define "commandnet.autoscaler" -}}
+{{- $p := .pool }}
+{{- $hpa := dig "autoscaling" "enabled" false $p }}
+{{- $keda := dig "keda" "enabled" false $p }}
+{{- if and $hpa $keda }}
+{{- fail (printf "pool %q: autoscaling.enabled and keda.enabled are both true; choose one: the HorizontalPodAutoscaler (CPU/memory) or KEDA (the pool's JetStream backlog). Both would set the Deployment's replicas and fight over it (docs/autoscaling.md)" $p.name) }}
+{{- else if $hpa }}
+{{- $a := $p.autoscaling }}
+{{- if gt (int64 $a.minReplicas) (int64 $a.maxReplicas) }}
+{{- fail (printf "pool %q: autoscaling.minReplicas (%d) exceeds autoscaling.maxReplicas (%d)" $p.name (int64 $a.minReplicas) (int64 $a.maxReplicas)) }}
+{{- end }}
+{{- $cpu := not (kindIs "invalid" $a.targetCPUUtilizationPercentage) }}
+{{- $memory := not (kindIs "invalid" $a.targetMemoryUtilizationPercentage) }}
+{{- if not (or $cpu $memory) }}
+{{- fail (printf "pool %q: autoscaling needs a metric: set targetCPUUtilizationPercentage, targetMemoryUtilizationPercentage or both" $p.name) }}
+{{- end }}
+{{- $requests := dig "resources" "requests" (dict) $p | default (dict) }}
+{{- range $resource, $on := dict "cpu" $cpu "memory" $memory }}
+{{- if and $on (not (hasKey $requests $resource)) }}
+{{- fail (printf "pool %q: autoscaling on %s utilization needs resources.requests.%s (the percentage is of the request)" $p.name $resource $resource) }}
+{{- end }}
+{{- end }}
+{{- print "hpa" }}
+{{- else if $keda }}
+{{- $k := $p.keda }}
+{{- if gt (int64 $k.minReplicaCount) (int64 $k.maxReplicaCount) }}
+{{- fail (printf "pool %q: keda.minReplicaCount (%d) exceeds keda.maxReplicaCount (%d)" $p.name (int64 $k.minReplicaCount) (int64 $k.maxReplicaCount)) }}
+{{- end }}
+{{- if not (or $k.natsServerMonitoringEndpoint $k.authenticationRef) }}
+{{- fail (printf "pool %q: keda.natsServerMonitoringEndpoint is required: the host:port of the NATS monitoring endpoint KEDA reads /jsz from, e.g. nats.nats.svc:8222 (or give it through keda.authenticationRef)" $p.name) }}
+{{- end }}
+{{- $min := dig "pdb" "minAvailable" nil $p }}
+{{- if and (eq (int64 $k.minReplicaCount) 0) (dig "pdb" "enabled" false $p) (or (kindIs "float64" $min) (kindIs "int64" $min) (kindIs "int" $min)) }}
+{{- if gt (int64 $min) 0 }}
+{{- fail (printf "pool %q: keda.minReplicaCount 0 scales the pool to zero, but pdb.minAvailable %d asks for pods that are then not there: use pdb.maxUnavailable (1 by default) or a percentage" $p.name (int64 $min)) }}
+{{- end }}
+{{- end }}
+{{- print "keda" }}
+{{- end }}
+{{- end }}
+
+{{/*
+The JetStream stream and durable consumer a pool's workers consume: those JetStreamBus
+(commandnet/adapters/nats.py) uses, stream "COMMANDNET" and a consumer named after the pool,
+unless keda.stream / keda.consumer say otherwise. tests/test_chart.py checks these defaults
+against the worker's own. Call with (dict "root" $ "pool" $pool); returns YAML.
+*/}}
+{{- define "commandnet.jetstreamNames" -}}
+stream: {{ default "COMMANDNET" .pool.keda.stream | quote }}
+consumer: {{ default .pool.name .pool.keda.consumer | quote }}
+{{- end }}
+
+{{/*
+A pool's `replicas` field; nothing when an autoscaler owns the pool's scale, so that `helm
+upgrade` does not reset it.
 */}}
 {{- define "commandnet.workerReplicas" -}}
+{{- if not (include "commandnet.autoscaler" .) }}
 replicas: {{ int64 .pool.replicas }}
+{{- end }}
 {{- end }}
 
 {{/* Spread a pool's pods: the pool's constraints (labelSelector defaulted), else over nodes. */}}
@@ -268,4 +328,19 @@ topologySpreadConstraints:
     - name: tmp
       mountPath: /tmp
     {{- with include "commandnet.credsVolumeMount" $root }}{{ . | trim | nindent 4 }}{{- end }}
+{{- end }}
+
+{{/*
+With operator.watchNamespaces, the webhooks see only the Agents of those namespaces: another
+release's operator answers for the rest (kopf itself registers no selector: it watches all).
+*/}}
+{{- define "commandnet.webhookNamespaceSelector" -}}
+{{- with .Values.operator.watchNamespaces }}
+namespaceSelector:
+  matchExpressions:
+    - key: kubernetes.io/metadata.name
+      operator: In
+      values:
+        {{- toYaml . | nindent 8 }}
+{{- end }}
 {{- end }}
