@@ -102,6 +102,26 @@ class Cluster:
         self.kubectl("apply", *extra, "-f", "-", input=body)
 
 
+def cluster_under_test(request: Any, workdir: Path, bed_fixture: str) -> Cluster:
+    """COMMANDNET_E2E_KUBECONFIG's cluster with COMMANDNET_E2E_IMAGES there, else the test
+    bed that pytest fixture ``bed_fixture`` gives (one node per machine: kube-proxy's rules are
+    machine-wide), with the images built from the Dockerfiles and imported into its node."""
+    if os.environ.get(KUBECONFIG_ENV):
+        return Cluster(Path(os.environ[KUBECONFIG_ENV]), workdir,
+                       Images.from_env(os.environ.get(IMAGES_ENV, "")))
+    from e2e.testbed import images as built
+
+    archives = built.build(["worker", "operator", "e2e-graphs", "nats", "postgres"])
+    bed = request.getfixturevalue(bed_fixture)
+    assert bed.node is not None
+    for path in archives.values():
+        bed.node.import_archive(path)
+    return Cluster(bed.kubeconfig, workdir, Images(
+        worker=built.ref("worker"), operator=built.ref("operator"),
+        graphs=built.ref("e2e-graphs"), nats=built.ref("nats"), postgres=built.ref("postgres"),
+        pull_policy="Never"))
+
+
 def agent(name: str, start: str = "Hello", delay: float = 0.0) -> dict[str, Any]:
     """An Agent of the e2e pool."""
     return {"apiVersion": "commandnet.io/v1alpha1", "kind": "Agent",
@@ -169,6 +189,12 @@ class Release:
         return _merge(values, extra)
 
     def install(self, **extra: Any) -> None:
+        """``helm install``; with the Agent CRD already there (another release owns it, kept
+        by its resource policy) this one leaves it alone (`crds.install: false`), as a user's
+        second release must."""
+        crd = self.cluster.kubectl("get", "crd", "agents.commandnet.io", check=False)
+        if crd.returncode == 0:
+            extra = _merge({"crds": {"install": False}}, extra)
         self._installed = extra
         self._helm("install", self.values(**extra))
 

@@ -19,8 +19,7 @@ from typing import Any
 
 import pytest
 
-from e2e.release import IMAGES_ENV, KUBECONFIG_ENV, Cluster, Images, Release, agent
-from e2e.testbed import LocalCluster
+from e2e.release import Cluster, Release, agent, cluster_under_test
 from e2e.testbed.tools import REPO_ROOT
 from tests.graphs.procs import wait_until
 
@@ -39,23 +38,7 @@ HELLO = [(1, "Hello", "Work"), (2, "Work", "Done"), (3, "Done", "")]
 
 @pytest.fixture(scope="module")
 def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Cluster:
-    """COMMANDNET_E2E_KUBECONFIG's cluster (metrics-server and KEDA installed there), else the
-    session's test bed with metrics-server and KEDA added, the images imported."""
-    workdir = tmp_path_factory.mktemp("scale")
-    if os.environ.get(KUBECONFIG_ENV):
-        return Cluster(Path(os.environ[KUBECONFIG_ENV]), workdir,
-                       Images.from_env(os.environ.get(IMAGES_ENV, "")))
-    from e2e.testbed import images as built
-
-    archives = built.build(["worker", "operator", "e2e-graphs", "nats", "postgres"])
-    bed: LocalCluster = request.getfixturevalue("kube_autoscaling")
-    assert bed.node is not None
-    for path in archives.values():
-        bed.node.import_archive(path)
-    return Cluster(bed.kubeconfig, workdir, Images(
-        worker=built.ref("worker"), operator=built.ref("operator"),
-        graphs=built.ref("e2e-graphs"), nats=built.ref("nats"), postgres=built.ref("postgres"),
-        pull_policy="Never"))
+    return cluster_under_test(request, tmp_path_factory.mktemp("cluster"), "kube_autoscaling")
 
 
 @pytest.fixture(scope="module")

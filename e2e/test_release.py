@@ -8,13 +8,9 @@ tests share one release and run in file order; the last one uninstalls it.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
-from e2e.release import IMAGES_ENV, KUBECONFIG_ENV, Cluster, Images, Release, agent
-from e2e.testbed import LocalCluster
+from e2e.release import Cluster, Release, agent, cluster_under_test
 from tests.graphs.procs import wait_until
 
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(1800)]
@@ -24,25 +20,8 @@ SIX = [(i, f"Six{i}", f"Six{i + 1}" if i < 6 else "") for i in range(1, 7)]
 
 
 @pytest.fixture(scope="module")
-def cluster(request: pytest.FixtureRequest,
-            tmp_path_factory: pytest.TempPathFactory) -> Cluster:
-    """The cluster under test: COMMANDNET_E2E_KUBECONFIG's, else the session's test bed with a
-    node (one per machine: kube-proxy's rules are machine-wide), the images imported."""
-    workdir = tmp_path_factory.mktemp("release")
-    if os.environ.get(KUBECONFIG_ENV):
-        images = Images.from_env(os.environ.get(IMAGES_ENV, ""))
-        return Cluster(Path(os.environ[KUBECONFIG_ENV]), workdir, images)
-    from e2e.testbed import images as built
-
-    archives = built.build(["worker", "operator", "e2e-graphs", "nats", "postgres"])
-    bed: LocalCluster = request.getfixturevalue("kube_with_node")
-    assert bed.node is not None
-    for path in archives.values():
-        bed.node.import_archive(path)
-    return Cluster(bed.kubeconfig, workdir, Images(
-        worker=built.ref("worker"), operator=built.ref("operator"),
-        graphs=built.ref("e2e-graphs"), nats=built.ref("nats"), postgres=built.ref("postgres"),
-        pull_policy="Never"))
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Cluster:
+    return cluster_under_test(request, tmp_path_factory.mktemp("cluster"), "kube_with_node")
 
 
 @pytest.fixture(scope="module")

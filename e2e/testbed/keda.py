@@ -31,7 +31,7 @@ from e2e.testbed.apiservice import (
 )
 from e2e.testbed.controlplane import LocalCluster
 from e2e.testbed.errors import ToolsMissingError
-from e2e.testbed.procs import Component, free_ports, launch, stop_component, wait_for
+from e2e.testbed.procs import AllOrNothing, Component, free_ports, launch, stop_component, wait_for
 from e2e.testbed.tools import find_tools
 
 NAMESPACE = "keda"
@@ -51,7 +51,7 @@ def keda_config_dir() -> Path:
     return config
 
 
-class Keda:
+class Keda(AllOrNothing):
     """KEDA's operator and metrics API server for `cluster`."""
 
     def __init__(self, cluster: LocalCluster, workdir: Path | None = None,
@@ -62,14 +62,6 @@ class Keda:
         self.config = keda_config_dir()
         self.detach = detach
         self.components: dict[str, Component] = {}
-
-    def start(self) -> Keda:
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
 
     def _start(self) -> None:
         logs = self.workdir / "logs"

@@ -24,7 +24,7 @@ from e2e.testbed.apiservice import (
     unregister,
 )
 from e2e.testbed.controlplane import LocalCluster
-from e2e.testbed.procs import Component, free_ports, launch, stop_component
+from e2e.testbed.procs import AllOrNothing, Component, free_ports, launch, stop_component
 from e2e.testbed.tools import find_tools
 
 NAMESPACE = "kube-system"
@@ -70,7 +70,7 @@ def rbac() -> list[dict[str, Any]]:
     ]
 
 
-class MetricsServer:
+class MetricsServer(AllOrNothing):
     """metrics-server for `cluster` (which needs a node to have anything to measure)."""
 
     def __init__(self, cluster: LocalCluster, workdir: Path | None = None,
@@ -81,14 +81,6 @@ class MetricsServer:
         self.detach = detach
         self.component: Component | None = None
         self.port = 0
-
-    def start(self) -> MetricsServer:
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
 
     def _start(self) -> None:
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)

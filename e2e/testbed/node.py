@@ -32,6 +32,7 @@ from e2e.testbed.controlplane import LocalCluster
 from e2e.testbed.errors import ClusterError, ToolsMissingError
 from e2e.testbed.pki import sign_client_cert, write_kubeconfig
 from e2e.testbed.procs import (
+    AllOrNothing,
     Component,
     cmdline_mentions,
     free_ports,
@@ -105,7 +106,7 @@ def node_prerequisites() -> dict[str, Path]:
     return found
 
 
-class LocalNode:
+class LocalNode(AllOrNothing):
     """containerd + kubelet in `workdir`, registered with `cluster` as node "localhost"."""
 
     def __init__(self, cluster: LocalCluster, workdir: Path, start_timeout: float | None = None,
@@ -124,14 +125,6 @@ class LocalNode:
         return self.workdir / "containerd" / "containerd.sock"
 
     # ---- start -------------------------------------------------------------------------------
-
-    def start(self) -> LocalNode:
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
 
     def _start(self) -> None:
         _check_bridge_netfilter()

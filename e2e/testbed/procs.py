@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 from e2e.testbed.errors import ClusterError, PortInUseError
 
@@ -228,3 +229,22 @@ def host_ip() -> str:
             "set COMMANDNET_KUBE_HOST_IP"
         )
     return ip
+
+
+class AllOrNothing:
+    """`start()` runs `_start()` and, when that fails part way, `stop()`: a half-started
+    component never outlives its error (the node, kube-proxy, metrics-server, KEDA)."""
+
+    def start(self) -> Self:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError

@@ -20,6 +20,7 @@ from e2e.testbed.errors import ClusterError
 from e2e.testbed.node import NODE_NAME
 from e2e.testbed.pki import sign_client_cert, write_kubeconfig
 from e2e.testbed.procs import (
+    AllOrNothing,
     Component,
     cmdline_mentions,
     free_ports,
@@ -33,7 +34,7 @@ from e2e.testbed.procs import (
 from e2e.testbed.tools import find_tools
 
 
-class KubeProxy:
+class KubeProxy(AllOrNothing):
     """kube-proxy for node "localhost" of `cluster`, its files in `workdir`."""
 
     def __init__(self, cluster: LocalCluster, workdir: Path, detach: bool = False) -> None:
@@ -52,12 +53,7 @@ class KubeProxy:
                 "to the machine: stop that test bed first (`make cluster-down`, or end its test)"
             )
         cleanup(self.exe, self.workdir)  # chains a bed killed with -9 left behind
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        return super().start()
 
     def _start(self) -> None:
         pki = self.cluster.pki
