@@ -65,7 +65,7 @@ def release(cluster: Cluster) -> Iterator[Release]:
                              "targetCPUUtilizationPercentage": 50, "behavior": fast_down}},
             {"name": "backlog", "graph": ["e2e.graphs:Hello"], "maxInFlight": 16, "env": LEASE_ENV,
              "keda": {"enabled": True, "minReplicaCount": 0, "maxReplicaCount": 4,
-                      "pollingInterval": 3, "cooldownPeriod": 20, "lagThreshold": 40,
+                      "pollingInterval": 3, "cooldownPeriod": 20, "lagThreshold": 8,
                       "activationLagThreshold": 0,
                       "natsServerMonitoringEndpoint": monitoring, "behavior": fast_down}},
         ])
@@ -199,10 +199,10 @@ def test_hpa_scales_a_cpu_bound_pool_up_under_load_and_back_after(release: Relea
     with Sampler(release, ["cpu"]) as sampler:
         names = apply_agents(release, "burn", 160, "Burn", delay=0.5)
         wait_until(lambda: sampler.peak("cpu") > 1, 300,
-                   f"the HPA to scale pool cpu above 1: {sampler.rows[-3:]}", interval=2)
+                   lambda: f"the HPA to scale pool cpu above 1: {sampler.rows[-3:]}", interval=2)
         assert_exact_and_never_waited_a_lease(release, names, BURN, timeout=900)
         wait_until(lambda: sampler.rows and sampler.rows[-1]["replicas"].get("cpu") == 1, 300,
-                   f"pool cpu back to 1 replica: {sampler.rows[-3:]}", interval=2)
+                   lambda: f"pool cpu back to 1 replica: {sampler.rows[-3:]}", interval=2)
     path = sampler.save("hpa", "HPA on CPU: pool cpu, 160 Agents of 0.5 s CPU each")
     assert path.stat().st_size > 0
     assert sampler.peak("cpu") >= 2
@@ -212,12 +212,16 @@ def test_keda_scales_a_pool_from_zero_on_backlog_and_back_to_zero(release: Relea
     with Sampler(release, ["backlog"]) as sampler:
         wait_until(lambda: sampler.rows and sampler.rows[-1]["replicas"].get("backlog") == 0,
                    180, "pool backlog at 0 replicas before the load", interval=2)
-        names = apply_agents(release, "keda", 500, "Hello", delay=0.3)
+        # Each Agent lives >= 4.5 s (3 steps of 1.5 s) and holds one message (pending or
+        # ack-pending) all that time, so the backlog is at least the Agents alive at once:
+        # past 16 of them (one pod's maxInFlight) it grows however fast the operator creates
+        # them, and KEDA asks for ceil(backlog / 8) pods.
+        names = apply_agents(release, "keda", 500, "Hello", delay=1.5)
         wait_until(lambda: sampler.peak("backlog") > 1, 300,
-                   f"KEDA to scale pool backlog above 1: {sampler.rows[-3:]}", interval=2)
+                   lambda: f"KEDA to scale pool backlog above 1: {sampler.rows[-3:]}", interval=2)
         assert_exact_and_never_waited_a_lease(release, names, HELLO, timeout=1200)
         wait_until(lambda: sampler.rows[-1]["replicas"].get("backlog") == 0, 300,
-                   f"pool backlog back to 0 replicas: {sampler.rows[-3:]}", interval=2)
+                   lambda: f"pool backlog back to 0 replicas: {sampler.rows[-3:]}", interval=2)
     path = sampler.save("keda", "KEDA nats-jetstream: pool backlog, 500 Agents, min 0")
     assert path.stat().st_size > 0
     assert max(r["backlog"]["backlog"] for r in sampler.rows) > 0

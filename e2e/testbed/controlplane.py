@@ -17,8 +17,6 @@ import os
 import shutil
 import ssl
 import subprocess
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -31,6 +29,7 @@ from e2e.testbed.procs import (
     cmdline_mentions,
     free_ports,
     host_ip,
+    http_ok,
     kill_group,
     launch,
     pid_alive,
@@ -201,7 +200,7 @@ class LocalCluster:
             url = f"{self.server}/api/v1/namespaces/default/serviceaccounts/default"
             ctx = self.admin_ssl_context()
             self._poll("the controller manager to create serviceaccount default/default",
-                       lambda: self._http_probe(url, ctx), self.start_timeout,
+                       lambda: http_ok(url, ctx), self.start_timeout,
                        ["etcd", "kube-apiserver", "kube-controller-manager"])
         self._write_state()
 
@@ -346,18 +345,6 @@ class LocalCluster:
               watch: Sequence[str]) -> None:
         wait_for(what, probe, timeout, [self.components[n] for n in watch if n in self.components])
 
-    def _http_probe(self, url: str, ctx: ssl.SSLContext | None) -> tuple[bool, str]:
-        try:
-            with urllib.request.urlopen(url, timeout=5, context=ctx) as resp:
-                body = resp.read(2000).decode(errors="replace")
-                return resp.status == 200, f"HTTP {resp.status}: {body.strip()[:300]}"
-        except urllib.error.HTTPError as exc:
-            body = exc.read(4000).decode(errors="replace")
-            failed = [ln for ln in body.splitlines() if "failed" in ln]
-            return False, f"HTTP {exc.code}: {'; '.join(failed) or body.strip()[:300]}"
-        except (OSError, ssl.SSLError) as exc:
-            return False, f"{type(exc).__name__}: {exc}"
-
     def admin_ssl_context(self) -> ssl.SSLContext:
         assert self.pki is not None
         ctx = ssl.create_default_context(cafile=str(self.pki.ca_cert))
@@ -369,7 +356,7 @@ class LocalCluster:
         url = f"{self.etcd_url}/health"
 
         def probe() -> tuple[bool, str]:
-            ok, last = self._http_probe(url, None)
+            ok, last = http_ok(url, None)
             return ok and '"health":"true"' in last.replace(" ", ""), last
 
         self._poll(f"etcd {url}", probe, timeout or self.start_timeout, ["etcd"])
@@ -378,14 +365,14 @@ class LocalCluster:
         url = f"{self.server}/readyz"
         ctx = self.admin_ssl_context()
         watch = [n for n in ("etcd", "kube-apiserver") if n in self.components]
-        self._poll(f"kube-apiserver {url}", lambda: self._http_probe(url, ctx),
+        self._poll(f"kube-apiserver {url}", lambda: http_ok(url, ctx),
                    timeout or self.start_timeout, watch)
 
     def _wait_https_ok(self, name: str, url: str, what: str) -> None:
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE  # their self-signed serving certs; we only read /healthz
-        self._poll(f"{name} {what} at {url}", lambda: self._http_probe(url, ctx),
+        self._poll(f"{name} {what} at {url}", lambda: http_ok(url, ctx),
                    self.start_timeout, [name])
 
     def wait_ready(self, timeout: float | None = None) -> None:

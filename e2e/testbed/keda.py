@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,15 @@ from e2e.testbed.apiservice import (
 )
 from e2e.testbed.controlplane import LocalCluster
 from e2e.testbed.errors import ToolsMissingError
-from e2e.testbed.procs import AllOrNothing, Component, free_ports, launch, stop_component, wait_for
+from e2e.testbed.procs import (
+    AllOrNothing,
+    Component,
+    free_ports,
+    http_ok,
+    launch,
+    stop_component,
+    wait_for,
+)
 from e2e.testbed.tools import find_tools
 
 NAMESPACE = "keda"
@@ -94,7 +100,7 @@ class Keda(AllOrNothing):
             "--zap-log-level=info",
         ], logs, self.workdir, detach=self.detach, env=env)
         url = f"http://127.0.0.1:{probe}/readyz"
-        wait_for(f"keda-operator {url}", lambda: _http_ok(url), cluster.start_timeout,
+        wait_for(f"keda-operator {url}", lambda: http_ok(url), cluster.start_timeout,
                  list(self.components.values()))
         self.components["keda-adapter"] = launch("keda-adapter", [
             str(self.tools["keda-adapter"]),
@@ -150,12 +156,3 @@ class Keda(AllOrNothing):
         for name in reversed(list(self.components)):
             stop_component(self.components.pop(name))
 
-
-def _http_ok(url: str) -> tuple[bool, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.status == 200, f"HTTP {resp.status}"
-    except urllib.error.HTTPError as exc:
-        return False, f"HTTP {exc.code}"
-    except OSError as exc:
-        return False, f"{type(exc).__name__}: {exc}"

@@ -9,8 +9,11 @@ import errno
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,6 +213,21 @@ def wait_for(what: str, probe: Callable[[], tuple[bool, str]], timeout: float,
                 f"gave up after {timeout:.0f} s waiting for {what}; last answer: {last}\n{tails}"
             )
         time.sleep(interval)
+
+
+def http_ok(url: str, context: ssl.SSLContext | None = None) -> tuple[bool, str]:
+    """A health probe for ``wait_for``: HTTP 200, and what was seen (the lines of a failing
+    check naming what "failed", as the API server's /readyz lists them)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5, context=context) as resp:
+            body = resp.read(2000).decode(errors="replace")
+            return resp.status == 200, f"HTTP {resp.status}: {body.strip()[:300]}"
+    except urllib.error.HTTPError as exc:
+        body = exc.read(4000).decode(errors="replace")
+        failed = [ln for ln in body.splitlines() if "failed" in ln]
+        return False, f"HTTP {exc.code}: {'; '.join(failed) or body.strip()[:300]}"
+    except (OSError, ssl.SSLError) as exc:
+        return False, f"{type(exc).__name__}: {exc}"
 
 
 def host_ip() -> str:

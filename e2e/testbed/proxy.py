@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from e2e.testbed.procs import (
     Component,
     cmdline_mentions,
     free_ports,
+    http_ok,
     kill_group,
     launch,
     pid_alive,
@@ -86,7 +85,7 @@ class KubeProxy(AllOrNothing):
         self.component = launch("kube-proxy", [str(self.exe), f"--config={conf}", "--v=1"],
                                 self.workdir / "logs", self.workdir, detach=self.detach)
         url = f"http://127.0.0.1:{self.healthz_port}/healthz"
-        wait_for(f"kube-proxy's first sync ({url})", lambda: _http_ok(url),
+        wait_for(f"kube-proxy's first sync ({url})", lambda: http_ok(url),
                  self.cluster.start_timeout, [self.component])
 
     def state(self) -> dict[str, Any]:
@@ -122,12 +121,3 @@ def stop_proxy_from_state(state: dict[str, Any]) -> list[str]:
     cleanup(Path(state["exe"]), Path(workdir))
     return stopped
 
-
-def _http_ok(url: str) -> tuple[bool, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            return resp.status == 200, f"HTTP {resp.status}"
-    except urllib.error.HTTPError as exc:
-        return False, f"HTTP {exc.code}: {exc.read(300).decode(errors='replace')}"
-    except OSError as exc:
-        return False, f"{type(exc).__name__}: {exc}"

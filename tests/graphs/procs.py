@@ -46,16 +46,18 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def wait_until(check: Callable[[], T | None], timeout: float, what: str,
+def wait_until(check: Callable[[], T | None], timeout: float, what: str | Callable[[], str],
                interval: float = 0.1) -> T:
-    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    """Poll ``check`` until it returns something truthy; fail with ``what`` after ``timeout``
+    (a callable is asked at that moment, so the message shows the state that timed out)."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+            said = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {said}")
         time.sleep(interval)
 
 
