@@ -28,7 +28,12 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
-bench: $(STAMP)
+# The one-process case runs beside pydantic-graph: the `bench` extra (bench-only dependency).
+$(VENV)/.bench-installed: $(STAMP)
+	PYTHONWARNINGS='ignore:Editable installation' $(PY) -m pip install --quiet -e '.[bench]'
+	touch $@
+
+bench: $(VENV)/.bench-installed
 	$(PY) -m bench
 
 clean:

@@ -32,6 +32,7 @@ def main() -> None:
     if args.only in (None, "core"):
         report["core"] = asyncio.run(run_all(args.agents))
         _table("core (one process, in-memory bus)", report["core"])  # type: ignore[arg-type]
+        _versus(report["core"].get("vs_pydantic_graph", {}))  # type: ignore[attr-defined]
     if args.only in (None, "distributed"):
         try:
             from .distributed import run_distributed
@@ -55,8 +56,26 @@ def _table(title: str, cases: dict[str, dict[str, object]]) -> None:
         if not isinstance(row, dict) or "transitions_per_s" not in row:
             continue
         table.add_row(name, str(row.get("arrivals_per_s", "")),
-                      str(row["transitions_per_s"]), str(row["step_latency_ms_p50"]),
-                      str(row["step_latency_ms_p99"]), str(row["seconds"]))
+                      str(row["transitions_per_s"]), str(row.get("step_latency_ms_p50", "")),
+                      str(row.get("step_latency_ms_p99", "")), str(row["seconds"]))
+    Console().print(table)
+
+
+def _versus(versus: dict[str, object]) -> None:
+    if "error" in versus:
+        Console().print(f"vs pydantic-graph: {versus['error']}")
+        return
+    targets: dict[str, float] = versus.get("targets", {})  # type: ignore[assignment]
+    table = Table(title=f"transitions/s relative to {versus.get('baseline')} (same run)")
+    for column in ("case", "best vs best", "median of rounds", "each round", "target"):
+        table.add_column(column, justify="right")
+    for name in ("memory", "sqlite_normal", "sqlite_full"):
+        row = versus.get(name)
+        if isinstance(row, dict):
+            label = name + (" (the default)" if name == "sqlite_normal" else "")
+            table.add_row(label, f"{row['best_vs_best']}x", f"{row['median_of_rounds']}x",
+                          " ".join(f"{r}x" for r in row["each_round"]),
+                          f">= {targets[name]}x" if name in targets else "")
     Console().print(table)
 
 

@@ -90,19 +90,67 @@ async def run_case(store: Persistence, agents: int, max_in_flight: int = 256,
     }
 
 
-async def run_all(agents: int) -> dict[str, dict[str, Any]]:
-    """Each store saturated (all agents at once), then paced at a steady arrival rate.
+async def _sqlite_case(agents: int, sync: str, rate: float | None = None) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="commandnet-bench-", dir=Path.cwd()) as tmp:
+        store = SQLitePersistence(Path(tmp) / "bench.db", synchronous=sync)  # type: ignore[arg-type]
+        return await run_case(store, agents, rate=rate)
+
+
+async def compare(agents: int, rounds: int = 5) -> dict[str, Any]:
+    """Saturated runs of each store side by side with pydantic-graph (no persistence at all).
+
+    The cases take turns, ``rounds`` times, so that load from other processes falls on all of
+    them alike; each case keeps its best round (the one least disturbed), and the ratios are
+    given both from the best rounds and as the median of the per-round ratios.
+    """
+    try:
+        from .pgraph import run_pydantic_graph
+    except ImportError as exc:  # the `bench` extra is not installed
+        run_pydantic_graph = None  # type: ignore[assignment]
+        missing = f"pydantic-graph not available ({exc}); pip install -e '.[bench]'"
+    cases: dict[str, Any] = {
+        "memory": lambda: run_case(InMemoryPersistence(), agents),
+        # SQLitePersistence() as users get it: WAL, synchronous=NORMAL (durable across a
+        # process crash; FULL, below, also across a power cut).
+        "sqlite_normal": lambda: _sqlite_case(agents, "NORMAL"),
+        "sqlite_full": lambda: _sqlite_case(agents, "FULL"),
+    }
+    if run_pydantic_graph is not None:
+        cases["pydantic_graph"] = lambda: run_pydantic_graph(agents)
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, case in cases.items():
+            runs[name].append(await case())
+    results: dict[str, Any] = {
+        name: {**max(rows, key=lambda r: r["transitions_per_s"]), "rounds": rounds,
+               "transitions_per_s_each": [r["transitions_per_s"] for r in rows]}
+        for name, rows in runs.items()}
+    if run_pydantic_graph is None:
+        results["vs_pydantic_graph"] = {"error": missing}
+        return results
+    versus: dict[str, Any] = {"baseline": "pydantic-graph, BaseNode API, no persistence",
+                              "sqlite_default_mode": "WAL, synchronous=NORMAL"}
+    for name in ("memory", "sqlite_normal", "sqlite_full"):
+        each = [ours["transitions_per_s"] / theirs["transitions_per_s"]
+                for ours, theirs in zip(runs[name], runs["pydantic_graph"], strict=True)]
+        versus[name] = {"best_vs_best": round(results[name]["transitions_per_s"]
+                                              / results["pydantic_graph"]["transitions_per_s"], 2),
+                        "median_of_rounds": round(statistics.median(each), 2),
+                        "each_round": [round(r, 2) for r in each]}
+    versus["targets"] = {"sqlite_normal": 1.0, "memory": 3.0}
+    results["vs_pydantic_graph"] = versus
+    return results
+
+
+async def run_all(agents: int) -> dict[str, Any]:
+    """Each store saturated (all agents at once, beside pydantic-graph), then paced at a steady
+    arrival rate.
 
     Saturated runs measure throughput; their step latency is mostly queueing. Paced runs
     (agents arriving at a rate well below capacity) measure the latency of one step itself.
     """
-    results = {"memory": await run_case(InMemoryPersistence(), agents),
-               "memory_paced": await run_case(InMemoryPersistence(), agents, rate=200)}
+    results = await compare(agents)
+    results["memory_paced"] = await run_case(InMemoryPersistence(), agents, rate=200)
     for sync in ("NORMAL", "FULL"):
-        for paced in (False, True):
-            with tempfile.TemporaryDirectory(prefix="commandnet-bench-", dir=Path.cwd()) as tmp:
-                store = SQLitePersistence(Path(tmp) / "bench.db",
-                                          synchronous=sync)  # type: ignore[arg-type]
-                name = f"sqlite_{sync.lower()}" + ("_paced" if paced else "")
-                results[name] = await run_case(store, agents, rate=100 if paced else None)
+        results[f"sqlite_{sync.lower()}_paced"] = await _sqlite_case(agents, sync, rate=100)
     return results

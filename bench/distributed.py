@@ -11,8 +11,17 @@ then commandnet with real ``commandnet worker`` subprocesses running the 10-node
 Step latency is read from the database: for step N of an agent, the commit time of transition
 N+1 (``history.at``) minus that of transition N (``agents.created_at`` for the first), i.e.
 publish of step N, fetch, lease, run and commit. Both are ``now()`` of single-statement
-transactions, so the same clock. Statements and transactions per transition come from
-``pg_stat_statements`` (preloaded into the throwaway server) and ``pg_stat_database``.
+transactions, so the same clock. It is split into the node's run (``history.duration``) and the
+rest, reported as ``queueing``: the time the step waited (in the stream, or for a free slot of a
+worker) plus its lease and commit round trips; saturated, that is almost all queueing.
+Statements and transactions per transition come from ``pg_stat_statements`` (preloaded into the
+throwaway server) and ``pg_stat_database``.
+
+CPU: every case reports the CPU seconds of the workers, PostgreSQL and NATS per transition; the
+reference reports its own processes' and PostgreSQL's, measured the same way in the same run.
+An independent bound runs the reference's statements (``SELECT ... FOR UPDATE`` and ``UPDATE``
+in one durable transaction) from ``pgbench`` (C, prepared statements, as many clients as the
+reference has connections) against the same server.
 
 ``BENCH_PROFILE_DIR=/some/folder`` runs every worker under cProfile (one ``.prof`` per worker,
 written at its graceful exit); ``python -m bench.distributed --agents N --workers W`` runs a
@@ -24,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -32,6 +42,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -223,7 +234,11 @@ async def run_case(pg: PostgresServer, nats: NatsServer, log_dir: Path, *, name:
 
 
 def _cpu_seconds() -> dict[int, tuple[str, int, float]]:
-    """CPU seconds (user + system) used so far by every process: pid -> (name, ppid, s)."""
+    """CPU seconds (user + system) used so far by every process: pid -> (name, ppid, s).
+
+    A process's figure includes its exited, reaped children (cutime, cstime): the postmaster's
+    thus counts the backends of connections closed meanwhile (the reference's pools).
+    """
     tick = os.sysconf("SC_CLK_TCK")
     found: dict[int, tuple[str, int, float]] = {}
     for entry in Path("/proc").iterdir():
@@ -233,8 +248,7 @@ def _cpu_seconds() -> dict[int, tuple[str, int, float]]:
             raw = (entry / "stat").read_text()
             name = raw[raw.index("(") + 1: raw.rindex(")")]
             fields = raw[raw.rindex(")") + 2:].split()
-            found[int(entry.name)] = (name, int(fields[1]),
-                                      (int(fields[11]) + int(fields[12])) / tick)
+            found[int(entry.name)] = (name, int(fields[1]), sum(map(int, fields[11:15])) / tick)
     return found
 
 
@@ -296,19 +310,23 @@ async def _statements(conn: asyncpg.Connection, database: str) -> dict[str, Any]
 
 
 async def _figures(conn: asyncpg.Connection, agents: int) -> dict[str, Any]:
-    """Throughput and step latency from the agents and history tables."""
+    """Throughput, step latency and its split (node run, queueing) from agents and history."""
     bad = await conn.fetchval(
         "SELECT count(*) FROM agents WHERE status <> 'succeeded' OR step <> $1", STEPS)
     if bad:
         raise BenchError(f"{bad} agent(s) did not succeed with step {STEPS}")
     rows = await conn.fetch(
         "SELECT extract(epoch FROM h.at - coalesce(lag(h.at) OVER w, a.created_at))::float8 "
-        "AS gap FROM history h JOIN agents a USING (agent_id) "
+        "AS gap, h.duration, h.step FROM history h JOIN agents a USING (agent_id) "
         "WINDOW w AS (PARTITION BY h.agent_id ORDER BY h.step)")
     span = await conn.fetchrow(
         "SELECT extract(epoch FROM max(h.at) - min(a.created_at))::float8 AS seconds, "
         "count(*) AS transitions FROM history h JOIN agents a USING (agent_id)")
     gaps = sorted(float(r["gap"]) for r in rows)
+    runs = sorted(float(r["duration"]) for r in rows)
+    waits = sorted(float(r["gap"]) - float(r["duration"]) for r in rows)
+    first = sorted(float(r["gap"]) - float(r["duration"]) for r in rows if r["step"] == 1)
+    later = sorted(float(r["gap"]) - float(r["duration"]) for r in rows if r["step"] > 1)
     transitions = int(span["transitions"])
     if transitions != agents * STEPS:
         raise BenchError(f"{transitions} history rows, expected {agents * STEPS}")
@@ -320,6 +338,21 @@ async def _figures(conn: asyncpg.Connection, agents: int) -> dict[str, Any]:
         "transitions_per_s": round(transitions / seconds),
         "step_latency_ms_p50": round(_quantile(gaps, 0.50) * 1000, 1),
         "step_latency_ms_p99": round(_quantile(gaps, 0.99) * 1000, 1),
+        "step_latency_split_ms": {
+            "node_run_p50": round(_quantile(runs, 0.50) * 1000, 3),
+            "node_run_p99": round(_quantile(runs, 0.99) * 1000, 3),
+            "queueing_p50": round(_quantile(waits, 0.50) * 1000, 1),
+            "queueing_p99": round(_quantile(waits, 0.99) * 1000, 1),
+            "queueing_first_step_p50": round(_quantile(first, 0.50) * 1000, 1),
+            "queueing_first_step_p99": round(_quantile(first, 0.99) * 1000, 1),
+            "queueing_later_steps_p50": round(_quantile(later, 0.50) * 1000, 1),
+            "queueing_later_steps_p99": round(_quantile(later, 0.99) * 1000, 1),
+            "queueing_is": "step latency minus node run: waiting in the stream or for a free "
+                           "worker slot, plus the lease and commit round trips; an agent's "
+                           "first step always comes through the stream (triggered), later "
+                           "ones may be handed over by the worker that committed the one "
+                           "before",
+        },
     }
 
 
@@ -355,7 +388,51 @@ def run_distributed(agents: int, *, scaling: tuple[int, ...] = (1, 2, 4),
                     paced_agents: int | None = None,
                     reference_processes: int = 2) -> dict[str, Any]:
     """Run every case against one PostgreSQL and one NATS; the bench table's rows."""
-    base = Path(tempfile.mkdtemp(prefix="commandnet-bench-"))
+    with bench_servers("commandnet-bench-") as (pg, nats, log_dir):
+        results: dict[str, Any] = {}
+        ref_dsn = pg.create_database("bench_reference")
+        ref = _measured_reference(pg, ref_dsn, agents, reference_processes)
+        results["reference (bare asyncpg)"] = {
+            **ref, "step_latency_ms_p50": "", "step_latency_ms_p99": ""}
+        bound = _pgbench(pg, ref_dsn, agents, 16 * reference_processes)
+        if bound is not None:
+            results["independent: pgbench, reference statements"] = {
+                **bound, "step_latency_ms_p50": "", "step_latency_ms_p99": ""}
+        paced = paced_agents if paced_agents is not None else max(10, agents // 5)
+        results.update(asyncio.run(_commandnet_cases(pg, nats, log_dir, agents,
+                                                     scaling, paced)))
+        main = results["commandnet workers=2 saturated"]
+        paced_p99 = results["commandnet workers=2 paced"]["step_latency_ms_p99"]
+        worker_cpu = main["cpu_ms_per_transition"]["workers"]
+        ref_cpu = ref["cpu_ms_per_transition"]["reference processes"]
+        results["summary"] = {
+            "ratio_to_reference": round(main["transitions_per_s"] / ref["transitions_per_s"], 3),
+            "ratio_to_pgbench": (round(main["transitions_per_s"] / bound["transitions_per_s"], 3)
+                                 if bound else None),
+            "reference_ratio_to_pgbench": (
+                round(ref["transitions_per_s"] / bound["transitions_per_s"], 3) if bound else None),
+            "worker_cpu_ms_per_transition": worker_cpu,
+            "reference_cpu_ms_per_transition": ref_cpu,
+            "worker_cpu_ratio_to_reference": round(worker_cpu / ref_cpu, 2) if ref_cpu else None,
+            "statements_per_transition": main["sql_calls_per_transition"],
+            "targets": {"ratio_to_reference>=0.75": None, "worker_cpu_ms<=0.3": None,
+                        "p99_step_ms<=10 (paced)": None},
+            "postgres": "fsync=on, synchronous_commit=on (commits); leases/outbox deletes "
+                        "synchronous_commit=off by the adapter's design",
+            "nats": "JetStream file storage",
+        }
+        targets = results["summary"]["targets"]
+        targets["ratio_to_reference>=0.75"] = results["summary"]["ratio_to_reference"] >= 0.75
+        targets["worker_cpu_ms<=0.3"] = worker_cpu <= 0.3
+        targets["p99_step_ms<=10 (paced)"] = paced_p99 <= 10
+        return results
+
+
+@contextlib.contextmanager
+def bench_servers(prefix: str) -> Iterator[tuple[PostgresServer, NatsServer, Path]]:
+    """A PostgreSQL, a NATS server and a log folder in a fresh temporary folder, all gone
+    afterwards."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
     os.chmod(base, 0o755)  # the cluster may run as another user (root): it must enter
     log_dir = base / "logs"
     log_dir.mkdir()
@@ -363,29 +440,7 @@ def run_distributed(agents: int, *, scaling: tuple[int, ...] = (1, 2, 4),
     try:
         pg = start_postgres(base)
         nats = NatsServer(base / "nats").start()
-        results: dict[str, Any] = {}
-        ref_dsn = pg.create_database("bench_reference")
-        ref = run_reference(ref_dsn, agents, processes=reference_processes)
-        results["reference (bare asyncpg)"] = {
-            **ref, "step_latency_ms_p50": "", "step_latency_ms_p99": ""}
-        paced = paced_agents if paced_agents is not None else max(10, agents // 5)
-        results.update(asyncio.run(_commandnet_cases(pg, nats, log_dir, agents,
-                                                     scaling, paced)))
-        main = results["commandnet workers=2 saturated"]
-        results["summary"] = {
-            "ratio_to_reference": round(main["transitions_per_s"] / ref["transitions_per_s"], 3),
-            "targets": {"ratio_to_reference>=0.5": None, "transitions_per_s>=1500": None,
-                        "p99_step_ms<=50 (paced)": None},
-            "postgres": "fsync=on, synchronous_commit=on (commits); leases/outbox deletes "
-                        "synchronous_commit=off by the adapter's design",
-            "nats": "JetStream file storage",
-        }
-        targets = results["summary"]["targets"]
-        targets["ratio_to_reference>=0.5"] = results["summary"]["ratio_to_reference"] >= 0.5
-        targets["transitions_per_s>=1500"] = main["transitions_per_s"] >= 1500
-        targets["p99_step_ms<=50 (paced)"] = (
-            results["commandnet workers=2 paced"]["step_latency_ms_p99"] <= 50)
-        return results
+        yield pg, nats, log_dir
     finally:
         if nats is not None:
             with contextlib.suppress(Exception):
@@ -394,6 +449,66 @@ def run_distributed(agents: int, *, scaling: tuple[int, ...] = (1, 2, 4),
             with contextlib.suppress(Exception):
                 pg.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _measured_reference(pg: PostgresServer, dsn: str, agents: int,
+                        processes: int) -> dict[str, Any]:
+    """:func:`run_reference`, with the CPU its processes (reaped children) and PostgreSQL used."""
+    before, children = _cpu_seconds(), _children_cpu()
+    ref: dict[str, Any] = dict(run_reference(dsn, agents, processes=processes))
+    mine = round(_children_cpu() - children, 2)
+    cpu = _cpu_delta(before, _cpu_seconds(), set(), pg.process.pid if pg.process else -1, -1)
+    cpu = {"reference processes": mine, "postgres": cpu["postgres"]}
+    ref.update(cpu_seconds=cpu, cpu_ms_per_transition={
+        k: round(v * 1000 / ref["transitions"], 3) for k, v in cpu.items()})
+    return ref
+
+
+PGBENCH_SCRIPT = """\\set id random(0, {last})
+BEGIN;
+SELECT step, context FROM reference_agents WHERE id = 'ref-' || :id FOR UPDATE;
+UPDATE reference_agents SET step = step + 1, context = context WHERE id = 'ref-' || :id;
+END;
+"""
+
+
+def _pgbench(pg: PostgresServer, dsn: str, agents: int, clients: int) -> dict[str, Any] | None:
+    """The reference's transaction from pgbench (C client, prepared): the database's bound."""
+    exe = pg.bin_dir / "pgbench"
+    if not exe.exists():
+        found = shutil.which("pgbench")
+        if found is None:
+            return None
+        exe = Path(found)
+    transitions = agents * STEPS
+    with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as script:
+        script.write(PGBENCH_SCRIPT.format(last=agents - 1))
+    try:
+        children = _children_cpu()
+        started = time.monotonic()
+        out = subprocess.run(
+            [str(exe), "-n", "-M", "prepared", "-c", str(clients), "-j", "2",
+             "-t", str(max(1, transitions // clients)), "-f", script.name, dsn],
+            capture_output=True, text=True, timeout=600)
+        elapsed = time.monotonic() - started
+        mine = _children_cpu() - children
+    finally:
+        os.unlink(script.name)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip()[-500:]}
+    done = max(1, transitions // clients) * clients
+    tps = next((float(line.split("=")[1].split()[0]) for line in out.stdout.splitlines()
+                if line.startswith("tps =")), done / elapsed)
+    return {"clients": clients, "transitions": done, "seconds": round(done / tps, 3),
+            "transitions_per_s": round(tps),
+            "cpu_ms_per_transition": {"pgbench": round(mine * 1000 / done, 3)},
+            "what": "pgbench -M prepared running the reference's SELECT ... FOR UPDATE and "
+                    "UPDATE in one durable transaction on random agents of the same table"}
 
 
 def main() -> None:

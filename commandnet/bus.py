@@ -50,8 +50,12 @@ class EventBus(ABC):
         """Connect and create what the bus needs (idempotent). Called by the engine at start."""
 
     @abstractmethod
-    async def publish(self, message: StepEvent | TriggerCommand | CancelCommand) -> None:
-        """Publish a message; a repeat of one ``dedup_id`` may be dropped by the bus."""
+    async def publish(self, message: StepEvent | TriggerCommand | CancelCommand) -> bool | None:
+        """Publish a message; a repeat of one ``dedup_id`` may be dropped by the bus.
+
+        False: a step event was handed to this process's own subscriber instead of being
+        published; the caller keeps its outbox row (the step's commit deletes it).
+        """
 
     @abstractmethod
     async def subscribe(self, handler: Handler) -> None:
@@ -60,6 +64,11 @@ class EventBus(ABC):
     @abstractmethod
     async def unsubscribe(self) -> None:
         """Stop fetching new messages; messages already handed out may still be settled."""
+
+    async def undelivered_age(self) -> float:
+        """Seconds the oldest message not yet delivered to this pool has waited (0.0: none, or
+        the bus cannot tell). Agents changed since then are queued behind it, not stalled."""
+        return 0.0
 
     async def close(self) -> None:
         """Disconnect."""

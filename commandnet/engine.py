@@ -295,8 +295,9 @@ class Engine:
             await self.bus.publish(StepEvent(agent_id=entry.agent_id, step=entry.step))
         if entries:
             await self.persistence.clear_outbox(entries)
-        stalled = await self.persistence.stalled_agents(self.stall_after, self.reconcile_batch,
-                                                        self.pool)
+        # Changed after the bus's oldest undelivered message: queued behind it, not stalled.
+        quiet = max(self.stall_after, await self.bus.undelivered_age() + self.outbox_grace)
+        stalled = await self.persistence.stalled_agents(quiet, self.reconcile_batch, self.pool)
         await self._republish(stalled)
         if entries or stalled:
             log.info("sweeper of pool %r re-published %d outbox events and %d stalled steps",
@@ -444,8 +445,8 @@ class Engine:
         if not saved:
             await self._refused(rec, delivery)
             return
-        if commit.to_node is not None:
-            await self.bus.publish(StepEvent(agent_id=rec.agent_id, step=rec.step + 1))
+        if commit.to_node is not None and await self.bus.publish(
+                StepEvent(agent_id=rec.agent_id, step=rec.step + 1)) is not False:
             await self.persistence.clear_outbox([OutboxEntry(rec.agent_id, rec.step + 1)])
         await delivery.ack()
         status = AgentStatus.RUNNING if commit.to_node else AgentStatus.SUCCEEDED
@@ -544,9 +545,8 @@ class Engine:
             await delivery.ack()
         info = ErrorInfo(rec.agent_id, rec.step, rec.node, exc, attempt, final,
                          None if final else delay)
-        for obs in self.observers:
-            await _safely(obs.on_error(rec.agent_id, rec.node, exc))
-            await _safely(obs.on_step_error(info))
+        await self._emit("on_error", rec.agent_id, rec.node, exc)
+        await self._emit("on_step_error", info)
         if final:
             await self._notify_status(StatusInfo(rec.agent_id, AgentStatus.FAILED, rec.node,
                                                  rec.step, error))
@@ -570,22 +570,25 @@ class Engine:
         return self._model(graph, raw, where).model_dump(mode="json")
 
     async def _notify_transition(self, info: TransitionInfo, status: StatusInfo) -> None:
-        for obs in self.observers:
-            await _safely(obs.on_transition(info.agent_id, info.from_node, info.to_node,
-                                            info.duration * 1000))
-            await _safely(obs.on_step(info))
+        await self._emit("on_transition", info.agent_id, info.from_node, info.to_node,
+                         info.duration * 1000)
+        await self._emit("on_step", info)
         await self._notify_status(status)
         if info.to_node is None:
             await self._wake()
 
     async def _notify_delivery(self, kind: str, delivery: Delivery, outcome: str) -> None:
-        info = DeliveryInfo(kind, delivery.deliveries, outcome)
-        for obs in self.observers:
-            await _safely(obs.on_delivery(info))
+        await self._emit("on_delivery", DeliveryInfo(kind, delivery.deliveries, outcome))
 
     async def _notify_status(self, info: StatusInfo) -> None:
+        await self._emit("on_status", info)
+
+    async def _emit(self, hook: str, *args: Any) -> None:
+        """Call ``hook`` on each observer that overrides it (skipping the no-op defaults saves
+        a coroutine per observer and hook on every step); observer errors are only logged."""
         for obs in self.observers:
-            await _safely(obs.on_status(info))
+            if getattr(type(obs), hook) is not getattr(Observer, hook):
+                await _safely(getattr(obs, hook)(*args))
 
     async def _wake(self) -> None:
         async with self._final:

@@ -658,3 +658,37 @@ def test_local_server_serves_monitoring_and_keeps_its_store(tmp_path: Path) -> N
     assert (tmp_path / "store").exists(), "a given store dir is the caller's: never removed"
 
 
+
+
+async def test_the_reconciler_leaves_agents_queued_in_the_backlog_alone(make_bus: MakeBus) -> None:
+    """A step waiting behind a long backlog is queued, not lost: only an agent whose event
+    the stream no longer holds (here: deleted, as a crash that never synced it would) is
+    re-published, however long the backlog lasts."""
+    bus = make_bus()
+    await bus.connect()
+    await bus.ensure_consumer()  # no subscriber: everything stays pending, as in a backlog
+    engine = Engine(persistence=InMemoryPersistence(), event_bus=bus, stall_after=0.5,
+                    outbox_grace=0.3)
+    start = build_chain(2, prefix="Queued")[0]
+    await engine.trigger_agent("lost", start, {"visited": []})
+    await asyncio.sleep(1.0)
+    for index in range(20):
+        await engine.trigger_agent(f"queued-{index}", start, {"visited": []})
+    info = await bus.jetstream().consumer_info(bus.stream, bus.consumer)
+    await bus.jetstream().delete_msg(bus.stream, int(info.delivered.stream_seq or 0) + 1)
+    await asyncio.sleep(1.0)  # all of them are now older than stall_after
+
+    assert await bus.undelivered_age() >= 0.9
+    assert await engine.sweep_once() == 1
+    inbox = Inbox()
+    await bus.subscribe(inbox)
+    ids = []
+    for _ in range(21):
+        delivery = await inbox.get("the backlog and the one re-publish")
+        ids.append(decode(delivery.data).dedup_id)
+        await delivery.ack()
+    assert sorted(i.split(":")[0] for i in ids) == sorted(
+        ["lost"] + [f"queued-{index}" for index in range(20)])
+    resent = [i for i in ids if i.startswith("lost:")]
+    assert len(resent) == 1 and resent[0].startswith("lost:0:r"), resent  # a fresh de-dup id
+    assert await bus.undelivered_age() == 0.0

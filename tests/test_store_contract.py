@@ -214,7 +214,9 @@ async def test_save_state_moves_the_agent_and_writes_history_and_event(
     assert (hist.agent_id, hist.step, hist.from_node, hist.to_node, hist.attempts) == (
         "a1", 1, "Start", "Next", 1)
     assert hist.duration == pytest.approx(0.25) and hist.at > 0
-    assert await outbox_keys(store) == {("a1", 0), ("a1", 1)}
+    # A store whose commit deletes the step's own outbox row lets a bus hand steps over locally.
+    own = set() if getattr(store, "commit_clears_outbox", False) else {("a1", 0)}
+    assert await outbox_keys(store) == {*own, ("a1", 1)}
     # the same commit again (a duplicate worker, a retried call) changes nothing
     assert await store.save_state(commit("a1", 0, "w1", "Next")) is False
     assert len(await store.get_history("a1")) == 1
@@ -229,7 +231,8 @@ async def test_save_state_terminal_succeeds_without_event(store: Persistence) ->
     assert (rec.node, rec.step, rec.status, rec.context) == (
         "Start", 1, AgentStatus.SUCCEEDED, {"done": True})
     assert [(h.step, h.to_node) for h in await store.get_history("a1")] == [(1, None)]
-    assert await outbox_keys(store) == {("a1", 0)}
+    own = set() if getattr(store, "commit_clears_outbox", False) else {("a1", 0)}
+    assert await outbox_keys(store) == own
     assert (await store.load_and_lock_agent("a1", 1, "w1", LONG)).state is LeaseState.STALE
 
 

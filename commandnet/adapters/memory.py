@@ -10,8 +10,9 @@ import asyncio
 import contextlib
 import copy
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from typing import Any
 
 from typing_extensions import override
 
@@ -33,6 +34,14 @@ from ..records import (
 )
 
 Clock = Callable[[], float]
+
+
+def replace(rec: AgentRecord, **changes: Any) -> AgentRecord:
+    """``dataclasses.replace`` without its cost (a frozen dataclass's ``__init__`` sets fields one
+    by one): it runs twice per transition."""
+    new = object.__new__(AgentRecord)
+    new.__dict__.update(rec.__dict__, **changes)
+    return new
 
 
 class InMemoryPersistence(Persistence):
@@ -245,13 +254,11 @@ class _MemoryDelivery(Delivery):
     def __init__(self, bus: InMemoryEventBus, data: bytes, deliveries: int) -> None:
         self.bus, self.data, self.deliveries = bus, data, deliveries
         self.settled = False
-        self._timer: asyncio.TimerHandle | None = None
+        self.expires = 0.0
 
     def _arm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(self.bus.ack_wait, self._expire)
+        self.expires = asyncio.get_running_loop().time() + self.bus.ack_wait
+        self.bus._watch(self.expires)
 
     def _expire(self) -> None:
         if not self.settled:
@@ -262,8 +269,6 @@ class _MemoryDelivery(Delivery):
         if self.settled:
             return False
         self.settled = True
-        if self._timer is not None:
-            self._timer.cancel()
         self.bus._inflight.discard(self)
         return True
 
@@ -305,18 +310,39 @@ class InMemoryEventBus(EventBus):
         self.published = 0
         self._queue: asyncio.Queue[tuple[bytes, int]] = asyncio.Queue()
         self._seen: dict[str, float] = {}
+        self._seen_order: deque[tuple[float, str]] = deque()  # to forget ids in O(1) each
         self._inflight: set[_MemoryDelivery] = set()
         self._task: asyncio.Task[None] | None = None
+        # One timer for the whole bus, due at the earliest ack-wait expiry (a timer per delivery
+        # costs more than the rest of the bus on every message).
+        self._reaper: asyncio.TimerHandle | None = None
+
+    def _watch(self, expires: float) -> None:
+        if self._reaper is None or self._reaper.when() > expires:
+            if self._reaper is not None:
+                self._reaper.cancel()
+            self._reaper = asyncio.get_running_loop().call_at(expires, self._reap)
+
+    def _reap(self) -> None:
+        self._reaper = None
+        now = asyncio.get_running_loop().time()
+        for delivery in [d for d in self._inflight if d.expires <= now]:
+            delivery._expire()
+        if self._inflight:
+            self._watch(min(d.expires for d in self._inflight))
 
     @override
     async def publish(self, message: StepEvent | TriggerCommand | CancelCommand) -> None:
         now = time.monotonic()
-        if len(self._seen) > 10_000:
-            self._seen = {k: t for k, t in self._seen.items() if now - t < self.dedup_window}
+        while self._seen_order and now - self._seen_order[0][0] >= self.dedup_window:
+            at, old = self._seen_order.popleft()
+            if self._seen.get(old) == at:
+                del self._seen[old]
         seen = self._seen.get(message.dedup_id)
         if seen is not None and now - seen < self.dedup_window:
             return
         self._seen[message.dedup_id] = now
+        self._seen_order.append((now, message.dedup_id))
         self.published += 1
         self._enqueue(encode(message), 1)
 

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import re
@@ -81,6 +82,8 @@ from typing_extensions import override
 from ..bus import Delivery, EventBus, Handler
 from ..errors import CommandNetError
 from ..messages import CancelCommand, StepEvent, TriggerCommand, encode
+from ..tracing import TRACE_HEADERS
+from ..tracing import active as _tracing_active
 from .connection import NatsAuth, server_address, split_nats_servers
 from .nats_graphs import ensure_graph_bucket
 from .nats_status import (
@@ -115,6 +118,12 @@ SUBJECT_HEADER = "Commandnet-Subject"
 SEQUENCE_HEADER = "Commandnet-Stream-Seq"
 DELIVERIES_HEADER = "Commandnet-Deliveries"
 RENEWED_FROM_HEADER = "Commandnet-Renewed-From"
+
+# True inside the handling of a delivery (the fetch loop's context, inherited by the tasks the
+# handler starts): only a step event published there, by the engine after its commit, may be
+# handed over locally (never a sweeper's re-publish, which clears its outbox rows itself).
+_HANDLING: contextvars.ContextVar[bool] = contextvars.ContextVar("commandnet_nats_handling",
+                                                                default=False)
 
 
 class JetStreamConfigError(CommandNetError):
@@ -195,6 +204,44 @@ class _JetStreamDelivery(Delivery):
         await self.msg.term()
 
 
+class _LocalDelivery(Delivery):
+    """A step event handed over in this process (no stream message behind it).
+
+    Its outbox row stays until the step commits (the commit deletes it), so a crash of this
+    worker loses nothing: the pool's sweeper publishes the row after ``outbox_grace``. A nack
+    publishes the event to the stream for real (any worker may then take it, and a lease that
+    is still held or backing off answers "busy" there, as for a stream message).
+    """
+
+    deliveries = 1
+
+    def __init__(self, bus: JetStreamBus, event: StepEvent) -> None:
+        self.bus = bus
+        self.event = event
+        self.data = encode(event)
+        self.settled = False
+
+    @override
+    async def ack(self) -> None:
+        self.settled = True
+
+    @override
+    async def nack(self, delay: float) -> None:
+        if not self.settled:
+            self.settled = True
+            await self.bus.publish_raw(self.data, self.bus.events_subject, self.event.dedup_id)
+
+    @override
+    async def in_progress(self) -> None:
+        return None  # nothing to keep alive: the lease is what protects the step
+
+    @override
+    async def dead_letter(self, reason: str) -> None:
+        if not self.settled:
+            await self.bus._store_dead_letter(self.data, self.bus.events_subject, 0, 1, reason)
+            self.settled = True
+
+
 class JetStreamBus(EventBus):
     """EventBus over NATS JetStream for worker pool ``pool``; see the module docstring.
 
@@ -214,6 +261,13 @@ class JetStreamBus(EventBus):
     of pools that no consumer serves to the DLQ once they are this old (None: never);
     ``status_bucket`` and ``graph_bucket`` name the KV buckets (default ``<stream>_STATUS``
     and ``<stream>_GRAPHS``).
+
+    ``local_handoff`` (a subscribed bus): the step event the engine publishes right after a
+    commit is handed to this process's own handler instead of the stream (at most
+    ``local_handoff`` waiting at once; 0: never), and :meth:`publish` returns False so the
+    engine keeps its outbox row, which the step's own commit deletes. The committing worker
+    thus runs the agent's next step at once, with the same fenced lease and commit, and no
+    stream round trip; the durable outbox row is the recovery path (see :class:`_LocalDelivery`).
     """
 
     durable = True
@@ -243,6 +297,7 @@ class JetStreamBus(EventBus):
         dlq_max_age: float = 14 * 24 * 3600.0,
         manage: bool = True,
         auth: NatsAuth | None = None,
+        local_handoff: int = 0,
     ) -> None:
         # Credentials are passed to the client as credentials, never inside a URL (so any
         # password works, and no URL this bus holds or logs carries one).
@@ -294,6 +349,9 @@ class JetStreamBus(EventBus):
         self._janitor: asyncio.Task[None] | None = None
         self._stopping = False
         self._lock = asyncio.Lock()
+        self.local_handoff = local_handoff
+        self._handler: Handler | None = None
+        self._local: set[asyncio.Task[None]] = set()  # handed-over events waiting for a slot
 
     # ------------------------------------------------------------------ setup
 
@@ -433,14 +491,54 @@ class JetStreamBus(EventBus):
         return self.events_subject if isinstance(message, StepEvent) else self.commands_subject
 
     @override
-    async def publish(self, message: StepEvent | TriggerCommand | CancelCommand) -> None:
+    async def publish(self, message: StepEvent | TriggerCommand | CancelCommand) -> bool | None:
+        if (isinstance(message, StepEvent) and message.step > 0 and not message.redo
+                and self._handler is not None and not self._stopping
+                and len(self._local) < self.local_handoff and _HANDLING.get()):
+            task = asyncio.create_task(self._hand_over(_LocalDelivery(self, message)),
+                                       name=f"commandnet-handoff-{self.pool}")
+            self._local.add(task)
+            task.add_done_callback(self._local.discard)
+            return False
+        if _tracing_active():  # trace headers (docs/tracing.md); nothing imported otherwise
+            from ..tracing.nats import publish as traced_publish
+
+            await traced_publish(self, message)
+            return None
         await self.publish_raw(encode(message), self.subject_for(message), message.dedup_id)
+        return None
+
+    async def _hand_over(self, delivery: _LocalDelivery) -> None:
+        """Give a handed-over event to the handler (which waits for a free slot)."""
+        assert self._handler is not None
+        try:
+            if _tracing_active():
+                from ..tracing.nats import deliver_local
+
+                await deliver_local(self, self._handler, delivery)
+            else:
+                await self._handler(delivery)
+        except asyncio.CancelledError:  # stopping: the stream takes it (else the outbox does)
+            with contextlib.suppress(Exception):
+                await delivery.nack(0)
+            raise
+        except Exception:
+            log.exception("handler failed on handed-over %s; publishing it",
+                          delivery.event.dedup_id)
+            with contextlib.suppress(Exception):
+                await delivery.nack(0)
 
     async def publish_raw(self, data: bytes, subject: str | None = None,
-                          dedup_id: str | None = None) -> None:
+                          dedup_id: str | None = None,
+                          headers: dict[str, str] | None = None) -> None:
         """Publish bytes (default subject: the pool's events); raises BusPublishError."""
         subject = subject or self.events_subject
-        headers = {"Nats-Msg-Id": dedup_id} if dedup_id else None
+        if headers is None and _tracing_active():  # a raw re-publish stays in its trace
+            from ..tracing.spans import current_headers
+
+            headers = current_headers()
+        if dedup_id:
+            headers = {**(headers or {}), "Nats-Msg-Id": dedup_id}
         try:
             try:
                 await self._jsc().publish(subject, data, headers=headers,
@@ -491,7 +589,8 @@ class JetStreamBus(EventBus):
         headers = msg.headers or {}
         origin = (headers.get(RENEWED_FROM_HEADER) or headers.get("Nats-Msg-Id")
                   or f"{self.stream}:{seq}")
-        renewed = {"Nats-Msg-Id": f"{origin}#renewed@{seq}", RENEWED_FROM_HEADER: origin}
+        renewed = {"Nats-Msg-Id": f"{origin}#renewed@{seq}", RENEWED_FROM_HEADER: origin,
+                   **{k: headers[k] for k in TRACE_HEADERS if k in headers}}  # same trace
         try:
             await self._jsc().publish(msg.subject, msg.data, headers=renewed,
                                       timeout=self.publish_timeout)
@@ -577,6 +676,7 @@ class JetStreamBus(EventBus):
         assert self.nc is not None
         await self.ensure_consumer()
         self._stopping = False
+        self._handler = handler
         self._advisories = await self.nc.subscribe(
             f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.stream}.{self.consumer}",
             cb=self._on_max_deliveries)
@@ -593,6 +693,7 @@ class JetStreamBus(EventBus):
                       self.pool, exc_info=task.exception())
 
     async def _fetch_loop(self, handler: Handler) -> None:
+        _HANDLING.set(True)  # this task's own context, inherited by the handler's tasks
         js = self._jsc()
         psub = await js.pull_subscribe_bind(self.consumer, stream=self.stream)
         failures = 0
@@ -652,7 +753,13 @@ class JetStreamBus(EventBus):
                     await self._give_back(deliveries[next_up:])
                     return
                 try:
-                    await handler(delivery)
+                    if _tracing_active():
+                        from ..tracing.nats import deliver
+
+                        await deliver(self, handler, delivery, delivery.msg.headers,
+                                      delivery.msg.subject)
+                    else:
+                        await handler(delivery)
                 except asyncio.CancelledError:
                     await self._give_back(deliveries[next_up:])
                     raise
@@ -686,6 +793,11 @@ class JetStreamBus(EventBus):
         if task is None:
             return
         self._stopping = True
+        self._handler = None
+        waiting = list(self._local)  # handed-over events not started: to the stream
+        for handed in waiting:
+            handed.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
         # The loop ends by itself after the current fetch; cancel it if a handler blocks.
         done, _ = await asyncio.wait({task}, timeout=self.fetch_wait + 0.5)
         if not done:
@@ -765,6 +877,29 @@ class JetStreamBus(EventBus):
         """Messages of this pool not yet acknowledged (pending + ack-pending), as KEDA counts."""
         info = await self._jsc().consumer_info(self.stream, self.consumer)
         return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
+    @override
+    async def undelivered_age(self) -> float:
+        """Age of the first message after the consumer's delivered sequence, on either of the
+        pool's subjects. Unreadable (NATS away): 0.0, so the reconciler falls back to
+        ``stall_after`` alone and a lost step is still repaired."""
+        try:
+            js = self._jsc()
+            info = await js.consumer_info(self.stream, self.consumer)
+            if not info.num_pending:
+                return 0.0
+            start = int(info.delivered.stream_seq or 0) + 1
+            times = []
+            for subject in (self.events_subject, self.commands_subject):
+                with contextlib.suppress(nats.js.errors.NotFoundError):
+                    raw = await js.get_msg(self.stream, seq=start, subject=subject, next=True)
+                    if raw.time is not None:
+                        times.append(raw.time)
+        except Exception as exc:  # an estimate: falling back to 0.0 is safe
+            log.debug("cannot read the oldest undelivered message of pool %r: %s: %s",
+                      self.pool, type(exc).__name__, exc)
+            return 0.0
+        return max((datetime.now(UTC) - min(times)).total_seconds(), 0.0) if times else 0.0
 
     async def dead_letters(self, limit: int = 1000) -> list[tuple[bytes, dict[str, str]]]:
         """This pool's dead letters (data, headers), oldest first, at most ``limit`` per kind."""

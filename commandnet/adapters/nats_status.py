@@ -10,9 +10,12 @@ pool.
 The value is JSON: ``agent_id``, ``pool``, ``status`` (running/succeeded/failed/cancelled),
 ``phase`` (the Agent CR's Running/Succeeded/...), ``node``, ``step``, ``error``, ``reason``
 (a CamelCase reason for a failed or cancelled agent, :func:`failure_reason`; None otherwise),
-``updated_at`` (ISO 8601, UTC). Writers never move a key backwards: a status is written only if
-its (step, final?) is not older than the stored one (compare-and-set on the key's revision), so
-two workers' racing notifications cannot leave a finished agent shown as running.
+``updated_at`` (ISO 8601, UTC), and ``trace`` while tracing is active (the W3C traceparent of
+the span that handled the agent's latest step: a re-publish continues the trace from it, the
+operator shows its trace id; see docs/tracing.md). Writers never move a key backwards: a
+status is written only if its (step, final?) is not older than the stored one
+(compare-and-set on the key's revision), so two workers' racing notifications cannot leave a
+finished agent shown as running.
 
 A write that fails (server down, reconnecting, bucket lost) is kept in the buffer and retried
 at the next flush, with the flush interval doubling up to ``max_backoff`` while writes fail; a
@@ -52,6 +55,7 @@ from typing_extensions import override
 
 from ..errors import CommandNetError
 from ..observer import Observer, StatusInfo
+from ..tracing import active as _tracing_active
 from .connection import NatsAuth, server_address, split_nats_servers
 
 log = logging.getLogger("commandnet.nats")
@@ -227,6 +231,10 @@ class JetStreamStatusObserver(Observer):
             "error": info.error, "reason": failure_reason(info.status.value, info.error),
             "updated_at": datetime.now(UTC).isoformat(),
         }
+        if _tracing_active():  # nothing imported when tracing is off
+            from ..tracing.spans import current_traceparent
+
+            value["trace"] = current_traceparent(info.agent_id)
         key = status_key(self.bus.pool, info.agent_id)
         old = self._pending.get(key)
         if old is None or _order(value) >= _order(old):
@@ -315,6 +323,8 @@ class JetStreamStatusObserver(Observer):
     async def write(self, key: str, value: dict[str, Any]) -> bool:
         """Store ``value`` unless the key holds a later status; True when written."""
         kv = await self._bucket()
+        if "trace" in value and value["trace"] is None:  # tracing, but not from a step (resync)
+            value = await _keep_trace(kv, key, value)
         data = json.dumps(value, separators=(",", ":")).encode()
         final = value.get("status") != "running"
         for _ in range(10):
@@ -339,6 +349,16 @@ class JetStreamStatusObserver(Observer):
                 return False
             self._revisions[key] = int(entry.revision or 0)
         raise CommandNetError(f"status key {key!r} kept changing under 10 writes")
+
+
+async def _keep_trace(kv: KeyValue, key: str, value: dict[str, Any]) -> dict[str, Any]:
+    """``value`` with the trace the key holds: a resync (from the store, which knows no trace)
+    must not cut off where a re-publish continues the agent's trace (docs/tracing.md)."""
+    with contextlib.suppress(Exception):
+        stored = json.loads((await kv.get(key)).value or b"{}")
+        if isinstance(stored, dict) and stored.get("trace"):
+            return {**value, "trace": stored["trace"]}
+    return value
 
 
 @dataclass(frozen=True)

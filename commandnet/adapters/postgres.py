@@ -115,8 +115,10 @@ UPDATE agents SET lease_until = now() + $4::float8 * interval '1 second'
 WHERE {_FENCE} RETURNING true
 """
 
-# The transition: fenced UPDATE, history row and (unless final) the next step's outbox event,
-# one statement, hence one transaction and one round trip.
+# The transition: fenced UPDATE, history row, (unless final) the next step's outbox event and
+# the end of this step's own outbox row (left in place when the bus handed the step over
+# locally instead of publishing it; usually gone already), one statement, hence one
+# transaction and one round trip.
 SQL_COMMIT = f"""
 WITH moved AS (
     UPDATE agents SET
@@ -132,6 +134,8 @@ WITH moved AS (
 ), event AS (
     INSERT INTO outbox (agent_id, step, created_at)
     SELECT agent_id, $2 + 1, now() FROM moved WHERE $5::text IS NOT NULL
+), done AS (
+    DELETE FROM outbox o USING moved WHERE o.agent_id = moved.agent_id AND o.step = $2
 )
 SELECT count(*) FROM moved
 """
@@ -210,7 +214,7 @@ SELECT {_RECORD} FROM agents
 WHERE pool = $1 AND updated_at >= to_timestamp($2) - interval '1 millisecond'
   AND ({_epoch('updated_at')}, agent_id) > ($2::float8, $3::text)
   AND updated_at <= to_timestamp($4)
-ORDER BY updated_at, agent_id LIMIT $5
+ORDER BY agents.updated_at, agents.agent_id LIMIT $5
 """
 
 
@@ -358,6 +362,9 @@ def _record(row: asyncpg.Record) -> AgentRecord:
 class PostgresPersistence(Persistence):
     """A store in a PostgreSQL database reached through an asyncpg pool.
 
+    ``commit_clears_outbox``: :meth:`save_state` also deletes the committed step's own outbox
+    row, so a bus may hand a step over locally and leave that row as its recovery path.
+
     ``dsn`` is a libpq URL (``postgresql://user:pass@host:5432/db``). ``apply_migrations``
     False leaves the schema to ``commandnet migrate`` (setup then only checks it is current).
     ``soft_commits`` False makes leases and outbox clean-up durable too (one pool, three WAL
@@ -367,6 +374,8 @@ class PostgresPersistence(Persistence):
     go to :func:`asyncpg.create_pool` (``statement_cache_size=0`` behind PgBouncer in
     transaction mode older than 1.21).
     """
+
+    commit_clears_outbox = True
 
     def __init__(
         self,

@@ -3,6 +3,8 @@
 WAL journal, ``BEGIN IMMEDIATE`` write transactions, the same fenced protocol as every store.
 Several processes on one machine may share a file. Calls run on the event-loop thread: they take
 microseconds, and a locked database is waited for with ``asyncio.sleep``, never by blocking.
+Writes are group-committed: the writes of many agents that arrive together share one transaction
+(and, with ``FULL``, one flush), and each caller returns only once its own write is committed.
 ``synchronous="NORMAL"`` survives a process crash (not a power cut); ``"FULL"`` survives both.
 """
 
@@ -105,6 +107,8 @@ class SQLitePersistence(Persistence):
         self.lock_timeout = lock_timeout
         self.clock = clock
         self._db: sqlite3.Connection | None = None
+        self._queue: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._writer: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ connection
 
@@ -127,6 +131,8 @@ class SQLitePersistence(Persistence):
 
     @override
     async def close(self) -> None:
+        if self._writer is not None:  # commit what callers are waiting for
+            await asyncio.shield(self._writer)
         if self._db is not None:
             self._db.close()
             self._db = None
@@ -139,13 +145,73 @@ class SQLitePersistence(Persistence):
         return self._db
 
     async def _write(self, body: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``body`` in a BEGIN IMMEDIATE transaction, waiting (asynchronously) for the lock."""
+        """Run ``body`` in a ``BEGIN IMMEDIATE`` transaction; return once it is committed.
+
+        Group commit: calls made while the writer is busy are queued and committed together,
+        in one transaction, by one writer task; each caller still returns only after the commit
+        that holds its change. If a body raises, the batch is rolled back and every body of it
+        runs again in a transaction of its own, so one failure touches no other caller.
+        """
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((body, future))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._drain(), name="commandnet-sqlite-writer")
+        return await future  # type: ignore[no-any-return]
+
+    async def _drain(self) -> None:
+        batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        try:
+            while self._queue:
+                await asyncio.sleep(0)  # let the callers resumed by the last commit join in
+                batch = [(body, f) for body, f in self._queue if not f.done()]
+                self._queue.clear()
+                if not batch:
+                    continue
+                try:
+                    await self._begin()
+                    results = [body(self.db) for body, _ in batch]
+                    self.db.execute("COMMIT")
+                except BaseException as exc:
+                    self._rollback()
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                    if len(batch) == 1 or isinstance(exc, StoreUnavailableError):
+                        for _, f in batch:
+                            _settle(f, exc=exc)
+                        continue
+                    for body, f in batch:  # one by one: each failure goes to its own caller
+                        try:
+                            await self._begin()
+                            result = body(self.db)
+                            self.db.execute("COMMIT")
+                        except BaseException as one:
+                            self._rollback()
+                            if isinstance(one, asyncio.CancelledError):
+                                raise
+                            _settle(f, exc=one)
+                        else:
+                            _settle(f, result)
+                    continue
+                for (_, f), result in zip(batch, results, strict=True):
+                    _settle(f, result)
+        finally:
+            self._writer = None
+            for _, f in [*batch, *self._queue]:  # only if this task was cancelled: never hang
+                f.cancel()
+            self._queue.clear()
+
+    def _rollback(self) -> None:
+        if self._db is not None and self._db.in_transaction:
+            self._db.execute("ROLLBACK")
+
+    async def _begin(self) -> None:
+        """``BEGIN IMMEDIATE``, waiting (asynchronously) while another connection writes."""
         deadline = time.monotonic() + self.lock_timeout
         delay = 0.001
-        db = self.db
         while True:
             try:
-                db.execute("BEGIN IMMEDIATE")
+                self.db.execute("BEGIN IMMEDIATE")
+                return
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) and "busy" not in str(exc):
                     raise
@@ -155,14 +221,6 @@ class SQLitePersistence(Persistence):
                     ) from exc
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.05)
-                continue
-            try:
-                result = body(db)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-            return result
 
     # --------------------------------------------------------------- protocol
 
@@ -376,6 +434,15 @@ class SQLitePersistence(Persistence):
             (pool, after[0], after[1], until, limit)).fetchall()
         return [_record(row) for row in rows]
 
+
+
+def _settle(future: asyncio.Future[Any], result: Any = None,
+            exc: BaseException | None = None) -> None:
+    if not future.done():  # its caller may have been cancelled meanwhile
+        if exc is None:
+            future.set_result(result)
+        else:
+            future.set_exception(exc)
 
 
 def _migrate(db: sqlite3.Connection, version: int) -> None:

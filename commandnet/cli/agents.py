@@ -27,6 +27,7 @@ from ..bus import EventBus
 from ..errors import AgentNotFoundError, CommandNetError
 from ..messages import CancelCommand, TriggerCommand
 from ..persistence import Persistence
+from ..tracing.setup import setup_tracing
 from ..worker.logs import redact
 from ..worker.settings import ConnectionSettings, mask_url
 
@@ -152,7 +153,12 @@ def trigger(agent_id: str, start_node: str, context_text: str, pool: str | None,
     conn = _settings(pool=pool, bus_url=bus_url, store_url=store_url)
     bus = _shared_bus(conn)
     cmd = TriggerCommand(agent_id=agent_id, start_node=start_node, context=context)
-    _run(conn, _publish(conn, bus, cmd, connect_timeout))
+    stop_tracing = setup_tracing("commandnet-cli")  # OTEL_*: the trigger span is the root
+    try:
+        _run(conn, _publish(conn, bus, cmd, connect_timeout))
+    finally:
+        if stop_tracing is not None:
+            stop_tracing()
     click.echo(f"trigger sent: agent {agent_id!r} at node {start_node!r} in pool {conn.pool!r}",
                err=wait)
     if wait:

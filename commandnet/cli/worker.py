@@ -27,6 +27,7 @@ _FLAGS = {
     "stall_after": "--stall-after", "ack_wait": "--ack-wait", "migrate": "--migrate/--no-migrate",
     "dlq_max_bytes": "--dlq-max-bytes", "dlq_max_age": "--dlq-max-age",
     "reconcile_batch": "--reconcile-batch", "status_flush_interval": "--status-flush-interval",
+    "local_handoff": "--local-handoff",
 }
 
 
@@ -88,6 +89,10 @@ def _environment_only() -> str:
 @click.option("--status-flush-interval", type=float,
               help="Seconds the KV status mirror buffers writes "
                    "[COMMANDNET_STATUS_FLUSH_INTERVAL; 0.25]")
+@click.option("--local-handoff", type=int,
+              help="JetStream with PostgreSQL: run the next step of an agent this worker just "
+                   "committed here at once, at most this many waiting; 0: always via the "
+                   "stream [COMMANDNET_LOCAL_HANDOFF; 64]")
 @click.option("--migrate/--no-migrate", default=None,
               help="Create/upgrade the store schema at start [COMMANDNET_MIGRATE; true]")
 def worker(**flags: Any) -> None:

@@ -27,6 +27,9 @@ from ..graph import GraphAnalyzer, NodeClass
 from ..loading import GraphLoadError, describe_pool, load_graph
 from ..observer import Observer
 from ..persistence import Persistence
+from ..tracing import active as tracing_active
+from ..tracing.setup import setup_tracing
+from .handoff import OutboxRescue
 from .http import ProbeServer
 from .logs import LogObserver
 from .metrics import PrometheusObserver
@@ -51,18 +54,20 @@ class Worker:
         self.settings = settings
         self.metrics = metrics or PrometheusObserver()
         self.graphs = self._load_graphs()
+        # The SDK provider and OTLP exporter, when OTEL_* configures one (docs/tracing.md).
+        self.stop_tracing = setup_tracing("commandnet-worker")
         self.store = store or self._build("store", settings.store_url,
                                           lambda: _make_store(settings))
         if hasattr(self.store, "apply_migrations"):  # PostgreSQL; SQLite always creates its own
             self.store.apply_migrations = settings.migrate
         self.bus = bus or self._build("bus", settings.bus_url,
-                                      lambda: _make_bus(settings))
+                                      lambda: _make_bus(settings, self.store))
         mirrors = _status_observers(self.bus, settings.status_flush_interval)
         self.engine = Engine(
             self.store,
             self.bus,
             graphs=self.graphs,
-            observers=[self.metrics, LogObserver(), *mirrors],
+            observers=[self.metrics, LogObserver(), *mirrors, *_tracing_observers()],
             owner=settings.worker_id,
             lease_seconds=settings.lease_seconds,
             max_in_flight=settings.max_in_flight,
@@ -74,6 +79,10 @@ class Worker:
         self.metrics.bind(self.engine)
         self.resync = StatusResync(self.store, self.engine.pool, self.engine.owner, mirrors,
                                    interval=settings.sweep_interval)
+        # Steps handed over locally are recovered by every worker, not only the sweeping one.
+        self.rescue = (OutboxRescue(self.store, self.bus, interval=settings.sweep_interval,
+                                    grace=settings.outbox_grace)
+                       if getattr(self.bus, "local_handoff", 0) else None)
         self.http = ProbeServer(settings.http_host, settings.http_port, self.ready,
                                 self.metrics.registry)
         self.stopping = asyncio.Event()
@@ -154,6 +163,8 @@ class Worker:
             for sig in handled:
                 loop.remove_signal_handler(sig)
             await self.http.close()
+            if self.stop_tracing is not None:  # flush the spans still batched
+                await asyncio.to_thread(self.stop_tracing)
 
     def request_stop(self, why: str = "request") -> None:
         """Begin the graceful drain (signal handlers call this)."""
@@ -170,7 +181,10 @@ class Worker:
             await self._within("bus", s.bus_url, self.bus.connect())
             await self._publish_graph()
             await self.engine.start_worker()
+            self.metrics.watch_backlog(self.bus)  # JetStream only; stops at Engine.stop
             self.resync.start()
+            if self.rescue is not None:
+                self.rescue.start()
         except BaseException:
             await self._close_quietly()
             raise
@@ -226,6 +240,8 @@ class Worker:
         log.info("draining: %d step(s) in flight, %.0fs grace", busy, self.settings.drain_grace,
                  extra={"in_flight": busy})
         await self.resync.stop()
+        if self.rescue is not None:
+            await self.rescue.stop()
         await self.engine.stop(grace=self.settings.drain_grace)
         self.consuming = False
         log.info("drained; worker %s stopped", self.settings.worker_id)
@@ -251,6 +267,15 @@ def _status_observers(bus: EventBus, flush_interval: float = 0.25) -> list[Obser
     return [observer]
 
 
+def _tracing_observers() -> list[Observer]:
+    """The observer that names each step span's node, attempt and outcome, when tracing."""
+    if not tracing_active():
+        return []
+    from ..tracing.observer import TracingObserver
+
+    return [TracingObserver()]
+
+
 def _bus_connected(bus: EventBus) -> bool | None:
     """Whether the bus says it is connected; None when it cannot tell."""
     flag = getattr(bus, "is_connected", None)
@@ -265,12 +290,16 @@ def _make_store(settings: WorkerSettings) -> Persistence:
     return store_from_url(url, **connection)
 
 
-def _make_bus(settings: WorkerSettings) -> EventBus:
+def _make_bus(settings: WorkerSettings, store: Persistence | None = None) -> EventBus:
     """The bus, its credentials and TLS passed as such (never inside the URL)."""
     url, connection = settings.bus_connection()
-    return bus_from_url(url, settings.pool, **connection, **_bus_options(settings))
+    return bus_from_url(url, settings.pool, **connection, **_bus_options(settings, store))
 
 
-def _bus_options(settings: WorkerSettings) -> dict[str, Any]:
-    """Bus options from the settings (only JetStream takes any)."""
-    return settings.jetstream_options() if settings.bus_url.startswith(("nats", "tls")) else {}
+def _bus_options(settings: WorkerSettings, store: Persistence | None = None) -> dict[str, Any]:
+    """Bus options from the settings (only JetStream takes any). Steps are handed over
+    locally only with a store whose commit deletes the step's outbox row (PostgreSQL)."""
+    if not settings.bus_url.startswith(("nats", "tls")):
+        return {}
+    handoff = settings.local_handoff if getattr(store, "commit_clears_outbox", False) else 0
+    return {**settings.jetstream_options(), "local_handoff": handoff}

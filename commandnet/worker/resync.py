@@ -54,15 +54,18 @@ class StatusResync:
             for rec in page:
                 await self._replay(rec)
             replayed += len(page)
+            # Mirrors buffer their writes: the mark may only pass statuses they have written,
+            # or a worker killed before its next flush loses them for good (nothing replays
+            # them). Writing each page before reading the next also bounds the buffers to one
+            # page: a pass over 100,000 agents waiting in the stream (all quiet) would
+            # otherwise hold every one of their statuses in memory at once.
+            if page and not await self._flush():
+                log.warning("status resync of pool %r: a mirror did not write its statuses; "
+                            "the next pass replays them again", self.pool)
+                return replayed
             if len(page) < PAGE:
                 break
             after = (page[-1].updated_at, page[-1].agent_id)
-        # Mirrors buffer their writes: the mark may only pass statuses they have written, or
-        # a worker killed before its next flush loses them for good (nothing replays them).
-        if replayed and not await self._flush():
-            log.warning("status resync of pool %r: a mirror did not write its statuses; the "
-                        "next pass replays them again", self.pool)
-            return replayed
         await self.store.mark_resynced(self.pool, max(until, claim.resynced_until or until))
         return replayed
 

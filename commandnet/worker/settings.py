@@ -267,6 +267,12 @@ class WorkerSettings(ConnectionSettings):
     reconcile_batch: int = Field(default=100, ge=1,
                                  description="stalled agents the pool's sweeper re-publishes per "
                                              "sweep at most (bounds the repair traffic)")
+    local_handoff: int = Field(
+        default=64, ge=0, description="JetStream with PostgreSQL: the next step of an agent "
+                                      "whose step this worker committed runs here at once, "
+                                      "without a stream round trip, at most this many waiting "
+                                      "(0: every step goes through the stream); the step's "
+                                      "durable outbox row stays its recovery until it commits")
     migrate: bool = Field(default=True,
                           description="apply PostgreSQL schema migrations at start (false: "
                                       "only check the schema is current; run `commandnet "

@@ -222,7 +222,7 @@ async def _trigger(stopped: kopf.DaemonStopped, spec: kopf.Spec, shown: dict[str
     said = ""
     while not stopped:
         try:
-            await memo.link.send(pool, command)
+            trace_id = await memo.link.send(pool, command)
         except NotSent as exc:
             COMMANDS.labels("trigger", exc.reason).inc()
             logger.warning("trigger of agent %r not sent: %s", aid, exc)
@@ -234,6 +234,8 @@ async def _trigger(stopped: kopf.DaemonStopped, spec: kopf.Spec, shown: dict[str
             await stopped.wait(memo.settings.trigger_retry)
             continue
         COMMANDS.labels("trigger", "Sent").inc()
+        if trace_id:  # tracing: the trigger span is the root of the agent's trace
+            base["traceId"] = trace_id
         return {**base, "phase": Phase.PENDING.value, "startTime": now(),
                 "conditions": set_condition(conditions, TRIGGERED, "True", "TriggerSent",
                                             f"sent to pool {pool}: start at node {start}",

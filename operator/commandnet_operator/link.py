@@ -20,6 +20,7 @@ from commandnet.adapters.nats_graphs import GraphCatalog
 from commandnet.adapters.nats_status import StatusReader
 from commandnet.errors import CommandNetError
 from commandnet.messages import CancelCommand, TriggerCommand, encode
+from commandnet.tracing import active as tracing_active
 
 from .metrics import BUS_UP
 from .settings import OperatorSettings
@@ -161,15 +162,30 @@ class BusLink:
         """The pool's published graph, or None (none published, or not connected yet)."""
         return self.catalog.get(pool) if self.catalog is not None else None
 
-    async def send(self, pool: str, command: TriggerCommand | CancelCommand) -> None:
-        """Publish a command to ``pool``; :class:`NotSent` says why not."""
+    async def send(self, pool: str, command: TriggerCommand | CancelCommand) -> str | None:
+        """Publish a command to ``pool``; :class:`NotSent` says why not. While tracing is on,
+        a trigger is the root span of the agent's trace, whose id is returned (else None)."""
         nc = self.reader.nc
         if nc is None or not nc.is_connected:
             raise NotSent("BusUnavailable", f"NATS at {self.where} is unreachable")
         subject = f"commandnet.{pool}.commands"
+        if not tracing_active():
+            await self._publish(nc, subject, command, {})
+            return None
+        from commandnet.tracing.spans import publishing, trace_id_of
+
+        with publishing(command, subject, pool) as headers:
+            await self._publish(nc, subject, command, headers)
+        return trace_id_of(headers.get("traceparent")) if isinstance(command,
+                                                                     TriggerCommand) else None
+
+    @staticmethod
+    async def _publish(nc: Any, subject: str, command: TriggerCommand | CancelCommand,
+                       headers: dict[str, str]) -> None:
+        pool = subject.split(".")[1]
         try:
             await nc.jetstream().publish(subject, encode(command),
-                                         headers={"Nats-Msg-Id": command.dedup_id},
+                                         headers={**headers, "Nats-Msg-Id": command.dedup_id},
                                          timeout=5.0)
         except nats.js.errors.NoStreamResponseError:
             raise NotSent("PoolNotServed",

@@ -11,6 +11,7 @@ import kopf
 from aiolimiter import AsyncLimiter
 from pydantic import ValidationError
 
+from commandnet.tracing.setup import setup_tracing
 from commandnet.worker.logs import setup_logging
 from commandnet.worker.settings import SettingsError
 
@@ -63,6 +64,8 @@ async def run(settings: OperatorSettings) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code."""
     configuration = await load_configuration()
     metrics.serve(settings.metrics_port)
+    # OTEL_* configures an exporter: each trigger is the root span of its agent's trace.
+    stop_tracing = setup_tracing("commandnet-operator")
     memo = Operator(settings=settings, configuration=configuration, link=BusLink(settings),
                     kube=Kube(configuration),
                     limiter=AsyncLimiter(settings.status_writes_per_second, 1.0))
@@ -79,6 +82,8 @@ async def run(settings: OperatorSettings) -> int:
         liveness_endpoint=f"http://0.0.0.0:{settings.health_port}/healthz"
         if settings.health_port else None,
     )
+    if stop_tracing is not None:
+        await asyncio.to_thread(stop_tracing)
     return 0
 
 

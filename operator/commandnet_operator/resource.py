@@ -118,6 +118,10 @@ class AgentStatus(_Model):
                                            description="The spec generation this status is of.")
     startTime: datetime | None = Field(default=None,
                                        description="When the operator sent the trigger.")
+    traceId: str | None = Field(
+        default=None, pattern="^[0-9a-f]{32}$",
+        description="The OpenTelemetry trace of the agent (when tracing is on): its trigger "
+                    "span is the root, every step a span in it. Look it up in Jaeger/Tempo.")
     completionTime: datetime | None = Field(default=None, description="When the agent finished.")
     error: str | None = Field(default=None,
                               description=f"The failure, cut to {ERROR_LIMIT} characters.")

@@ -10,6 +10,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from commandnet.tracing import trace_id_of
+
 from .resource import ERROR_LIMIT, HISTORY_LIMIT, Phase
 
 #: Condition types, in the order they are listed.
@@ -70,11 +72,17 @@ def merge(status: dict[str, Any], value: dict[str, Any], generation: int | None
     shown_step = int(status.get("step") or 0)
     if shown.finished or (step, phase.finished) < (shown_step, False):
         return status
-    if (phase, step, node) == (shown, shown_step, status.get("currentNode")):
+    # The trace the workers record with the status (tracing on) is the agent's real one: it
+    # replaces the id the operator took from its own trigger span (docs/tracing.md).
+    trace_id = trace_id_of(value.get("trace"))
+    if (phase, step, node) == (shown, shown_step, status.get("currentNode")) and (
+            trace_id is None or trace_id == status.get("traceId")):
         return status
     at = _time_of(value)
     new = dict(status)
     new.update(phase=phase.value, currentNode=node, step=step)
+    if trace_id is not None:
+        new["traceId"] = trace_id
     if generation is not None:
         new["observedGeneration"] = generation
     history = list(status.get("history") or [])
