@@ -296,7 +296,8 @@ class Engine:
         if entries:
             await self.persistence.clear_outbox(entries)
         # Changed after the bus's oldest undelivered message: queued behind it, not stalled.
-        quiet = max(self.stall_after, await self.bus.undelivered_age() + self.outbox_grace)
+        age = await self.bus.undelivered_age()
+        quiet = max(self.stall_after, age + self.outbox_grace if age else 0.0)
         stalled = await self.persistence.stalled_agents(quiet, self.reconcile_batch, self.pool)
         await self._republish(stalled)
         if entries or stalled:

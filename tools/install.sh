@@ -113,6 +113,11 @@ build_kube_proxy() {
   go_build_k8s kube-proxy kube-proxy
 }
 
+# kubeadm: only the kind node image built here needs it (tools/kind-node/build.sh).
+build_kubeadm() {
+  go_build_k8s kubeadm kubeadm
+}
+
 build_etcd() {
   local key=etcd-$ETCD_VERSION
   if cached "$key" etcd; then link "$key" etcd; return; fi
@@ -225,6 +230,14 @@ build_keda() {
 
 # kind: for users with Docker (`make e2e-kind`); it cannot run here.
 build_kind() { go_install kind "$KIND_VERSION" sigs.k8s.io/kind kind; }
+
+# The kind node image built here (tools/kind-node/build.sh): crictl, and kind's default storage
+# class provisioner. Not in DEFAULT: only `make kind-node-image` asks for them.
+build_crictl() { go_install crictl "$CRI_TOOLS_VERSION" sigs.k8s.io/cri-tools/cmd/crictl crictl; }
+build_local_path_provisioner() {
+  go_install local-path-provisioner "$LOCAL_PATH_PROVISIONER_VERSION" \
+    github.com/rancher/local-path-provisioner local-path-provisioner
+}
 
 # actionlint: tests/test_workflows.py lints .github/workflows/ with it.
 build_actionlint() {
