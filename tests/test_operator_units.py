@@ -81,6 +81,10 @@ def test_bus_condition_is_set_when_down_and_cleared_when_back() -> None:
     assert (cond["status"], cond["reason"]) == ("True", "BusReconnected")
     done = merge(running, value("succeeded", "Done", 3), 1)
     assert with_bus(done, False) is done  # a finished Agent does not care
+    finished_in_outage = merge(down, value("succeeded", "Done", 3), 1)
+    cleared = with_bus(finished_in_outage, True)  # it finished while the link was down
+    cond = next(c for c in cleared["conditions"] if c["type"] == "BusAvailable")
+    assert (cond["status"], cond["reason"]) == ("True", "BusReconnected")
 
 
 def test_admission_refuses_an_unknown_node_listing_the_nodes() -> None:

@@ -120,9 +120,11 @@ def _cut(text: str) -> str:
 
 
 def with_bus(status: dict[str, Any], available: bool, detail: str = "") -> dict[str, Any]:
-    """``status`` with the BusAvailable condition set (only unfinished Agents carry it)."""
+    """``status`` with the BusAvailable condition set. A finished Agent is not marked down (it
+    no longer needs the bus), but a False left from an outage is cleared: with local handoff
+    an Agent can finish while the operator's link to NATS is still down."""
     phase = status.get("phase")
-    if phase and Phase(phase).finished:
+    if not available and phase and Phase(phase).finished:
         return status
     if available:
         known = any(c.get("type") == BUS for c in status.get("conditions") or [])
