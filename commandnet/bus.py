@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 
-from .messages import CancelCommand, StepEvent, TriggerCommand
+from .messages import AnyMessage
 
 
 class Delivery(ABC):
@@ -50,7 +50,7 @@ class EventBus(ABC):
         """Connect and create what the bus needs (idempotent). Called by the engine at start."""
 
     @abstractmethod
-    async def publish(self, message: StepEvent | TriggerCommand | CancelCommand) -> bool | None:
+    async def publish(self, message: AnyMessage) -> bool | None:
         """Publish a message; a repeat of one ``dedup_id`` may be dropped by the bus.
 
         False: a step event was handed to this process's own subscriber instead of being

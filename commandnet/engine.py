@@ -20,9 +20,9 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from .api.actions import AgentActions, validate_payload
 from .bus import Delivery, EventBus
 from .errors import (
-    AgentNotFoundError,
     CommandNetError,
     ContextValidationError,
     InvalidTransitionError,
@@ -34,8 +34,10 @@ from .errors import (
     WorkerDiedError,
 )
 from .graph import Graph, GraphAnalyzer, NodeClass
-from .messages import StepEvent, TriggerCommand, decode
-from .observer import DeliveryInfo, ErrorInfo, Observer, StatusInfo, TransitionInfo
+from .messages import StepEvent, decode
+from .node import Directive
+from .observer import ErrorInfo, Observer, StatusInfo, TransitionInfo
+from .observing.fanout import Notifications
 from .persistence import Persistence
 from .policy import RetryPolicy
 from .records import (
@@ -43,11 +45,11 @@ from .records import (
     AgentStatus,
     Commit,
     Failure,
-    HistoryRecord,
     LeaseState,
-    NewAgent,
     OutboxEntry,
+    branch_id,
 )
+from .workflow.deploys import SafeDeploys
 
 log = logging.getLogger("commandnet")
 
@@ -65,15 +67,18 @@ class _Run:
         self.lost = False
 
 
-class Engine:
+class Engine(AgentActions, Notifications, SafeDeploys):
     """Runs agents: triggers them, and (after :meth:`start_worker`) executes their steps.
 
     One engine is one worker of the bus's pool. Several engines (processes, pools) may share a
     store and a bus. ``lease_seconds`` bounds how long a crashed worker blocks its agents;
-    ``max_in_flight`` bounds concurrent steps; ``sweep_interval``, ``outbox_grace``,
-    ``stall_after`` and ``reconcile_batch`` tune the repair loops (lost publishes, lost
-    messages), run by one worker of the pool at a time: it re-publishes at most
-    ``reconcile_batch`` stalled agents per sweep, whatever the number of workers.
+    ``max_in_flight`` bounds concurrent steps; ``wake_interval`` is how often each worker
+    wakes parked agents that are due (timers, signals); ``node_grace``: how long a step at a
+    node this worker's graphs lack waits for a worker that has it (safe deploys);
+    ``sweep_interval``, ``outbox_grace``, ``stall_after`` and ``reconcile_batch`` tune the
+    repair loops (lost publishes, lost messages), run by one worker of the pool at a time: it
+    re-publishes at most ``reconcile_batch`` stalled agents per sweep, whatever the number of
+    workers.
     """
 
     def __init__(
@@ -91,6 +96,8 @@ class Engine:
         outbox_grace: float = 5.0,
         stall_after: float = 300.0,
         reconcile_batch: int = 100,
+        wake_interval: float = 0.5,
+        node_grace: float = 600.0,
     ) -> None:
         self.persistence = persistence
         self.bus = event_bus
@@ -102,6 +109,7 @@ class Engine:
         self.outbox_grace = outbox_grace
         self.stall_after = stall_after
         self.reconcile_batch = reconcile_batch
+        self.wake_interval, self.node_grace = wake_interval, node_grace
         self.pool = event_bus.pool
         self._nodes: dict[str, tuple[Graph, NodeClass]] = {}
         self._graphs: dict[NodeClass, Graph] = {}
@@ -160,7 +168,10 @@ class Engine:
         if not self._consuming:
             self._consuming = True
             await self.bus.subscribe(self._on_delivery)
-            self._loops.add(asyncio.create_task(self._sweep_loop(), name="commandnet-sweeper"))
+            self._loops.add(asyncio.create_task(_every(self.sweep_interval, self.sweep_once),
+                                                name="commandnet-sweeper"))
+            self._loops.add(asyncio.create_task(_every(self.wake_interval, self.wake_once),
+                                                name="commandnet-wake"))
             self._loops.add(asyncio.create_task(self._heartbeat_loop(), name="commandnet-leases"))
             if not self.bus.durable:
                 await self._recover()
@@ -189,8 +200,7 @@ class Engine:
                 await self.persistence.claim_sweep(self.pool, self.owner, 0.0)
         if self._started:
             self._started = False
-            for obs in self.observers:
-                await _safely(obs.close())
+            await self._close_observers()
             await self.bus.close()
             await self.persistence.close()
 
@@ -208,82 +218,6 @@ class Engine:
 
     # ----------------------------------------------------------- public actions
 
-    async def trigger_agent(
-        self,
-        agent_id: str,
-        start_node: NodeClass | str,
-        initial_context: BaseModel | dict[str, Any] | None = None,
-    ) -> bool:
-        """Start an agent; True when created, False when this same request already exists.
-
-        ``start_node`` is a node class (its graph is registered) or a node name. A name that no
-        registered graph has is sent as a trigger command to the workers that have it.
-        Raises TriggerConflictError (same id, other request) and ContextValidationError.
-        """
-        await self.start()
-        if isinstance(start_node, type):
-            self.register(start_node)
-            start_node = start_node.node_name
-        raw = (initial_context.model_dump(mode="json") if isinstance(initial_context, BaseModel)
-               else dict(initial_context or {}))
-        if start_node not in self._nodes:
-            await self.bus.publish(TriggerCommand(agent_id=agent_id, start_node=start_node,
-                                                  context=raw))
-            return True
-        graph, _ = self._resolve(start_node)
-        context = self._validate(graph, raw, f"initial context of agent {agent_id!r}")
-        created = await self.persistence.create_agent(
-            NewAgent(agent_id, start_node, context, pool=self.pool))
-        if created:
-            await self.bus.publish(StepEvent(agent_id=agent_id, step=0))
-            await self.persistence.clear_outbox([OutboxEntry(agent_id, 0)])
-            await self._notify_status(StatusInfo(agent_id, AgentStatus.RUNNING, start_node, 0,
-                                                 None))
-        return created
-
-    async def cancel_agent(self, agent_id: str, reason: str = "cancelled") -> bool:
-        """Cancel a running agent; its in-flight step, if any, is discarded at commit.
-
-        An id not triggered yet is cancelled in advance: its trigger will not run it.
-        """
-        await self.start()
-        cancelled = await self.persistence.cancel_agent(agent_id, reason, self.pool)
-        if cancelled:
-            rec = await self.persistence.get_agent(agent_id)
-            if rec is not None:
-                await self._notify_status(StatusInfo(agent_id, rec.status, rec.node, rec.step,
-                                                     rec.error))
-            await self._wake()
-        return cancelled
-
-    async def get_agent(self, agent_id: str) -> AgentRecord:
-        """The agent's current row; AgentNotFoundError when there is none."""
-        rec = await self.persistence.get_agent(agent_id)
-        if rec is None:
-            raise AgentNotFoundError(f"no agent {agent_id!r}")
-        return rec
-
-    async def get_history(self, agent_id: str) -> list[HistoryRecord]:
-        """The agent's committed transitions, in order."""
-        return await self.persistence.get_history(agent_id)
-
-    async def wait_for(
-        self, agent_id: str, timeout: float | None = None, poll: float = 0.2
-    ) -> AgentRecord:
-        """Wait until the agent is succeeded, failed or cancelled, and return its row.
-
-        Wakes at once for agents this engine finishes, and polls the store for the rest.
-        Raises TimeoutError after ``timeout`` seconds.
-        """
-        async with asyncio.timeout(timeout):
-            while True:
-                rec = await self.persistence.get_agent(agent_id)
-                if rec is not None and rec.status.is_final:
-                    return rec
-                async with self._final:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._final.wait(), poll)
-
     async def sweep_once(self) -> int:
         """If this worker has its pool's repair turn: re-publish lost outbox events and the
         current step of stalled agents; returns how many."""
@@ -291,42 +225,38 @@ class Engine:
                                               self.sweep_interval * 3 + 1) is None:
             return 0
         entries = await self.persistence.pending_outbox(self.outbox_grace, 1000, self.pool)
-        for entry in entries:
-            await self.bus.publish(StepEvent(agent_id=entry.agent_id, step=entry.step))
-        if entries:
-            await self.persistence.clear_outbox(entries)
+        await self._publish_outbox(entries)
         # Changed after the bus's oldest undelivered message: queued behind it, not stalled.
         age = await self.bus.undelivered_age()
         quiet = max(self.stall_after, age + self.outbox_grace if age else 0.0)
         stalled = await self.persistence.stalled_agents(quiet, self.reconcile_batch, self.pool)
-        await self._republish(stalled)
+        await self._publish_outbox(stalled, redo=True)
         if entries or stalled:
             log.info("sweeper of pool %r re-published %d outbox events and %d stalled steps",
                      self.pool, len(entries), len(stalled))
         return len(entries) + len(stalled)
 
-    async def _republish(self, stalled: list[OutboxEntry]) -> None:
-        """Re-send current steps under a fresh de-dup id (the first one may still be remembered)."""
-        for entry in stalled:
-            await self.bus.publish(StepEvent(agent_id=entry.agent_id, step=entry.step,
-                                             redo=next(self._redo)))
+    async def wake_once(self) -> int:
+        """Publish the step of parked agents of this pool that are due; returns how many."""
+        entries = await self.persistence.wake_due(self.pool, 1000)
+        await self._publish_outbox(entries)
+        return len(entries)
 
-    # -------------------------------------------------------------- consuming
+    async def _publish_outbox(self, entries: list[OutboxEntry], redo: bool = False) -> None:
+        """Publish committed step events, then forget them; ``redo``: re-send current steps
+        under a fresh de-dup id (the first may still be remembered) and keep no outbox."""
+        for entry in entries:
+            await self.bus.publish(StepEvent(agent_id=entry.agent_id, step=entry.step,
+                                             redo=next(self._redo) if redo else 0))
+        if entries and not redo:
+            await self.persistence.clear_outbox(entries)
 
     async def _recover(self, after: float = 0.0) -> None:
         """Re-publish what a non-durable bus lost with the last process: agents free now, and
         (called again once their leases have run out) the agents a dead worker still held."""
         await asyncio.sleep(after)
-        await self._republish(await self.persistence.stalled_agents(
-            max(after - 0.1, 0.0), 1_000_000, self.pool))
-
-    async def _sweep_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.sweep_interval)
-            try:
-                await self.sweep_once()
-            except Exception:
-                log.exception("sweeper failed; retrying in %.1fs", self.sweep_interval)
+        await self._publish_outbox(await self.persistence.stalled_agents(
+            max(after - 0.1, 0.0), 1_000_000, self.pool), redo=True)
 
     async def _on_delivery(self, delivery: Delivery) -> None:
         await self._slots.acquire()
@@ -352,10 +282,7 @@ class Engine:
             if isinstance(message, StepEvent):
                 await self._run_step(message, delivery)
                 return
-            if isinstance(message, TriggerCommand):
-                await self._on_trigger(message)
-            else:
-                await self.cancel_agent(message.agent_id, message.reason)
+            await self._on_command(message)
             await delivery.ack()
             await self._notify_delivery(message.kind, delivery, "handled")
         except asyncio.CancelledError:
@@ -372,21 +299,6 @@ class Engine:
             log.exception("handling %s failed; redelivering later", message.dedup_id)
             with contextlib.suppress(Exception):
                 await delivery.nack(min(self.lease_seconds, 5.0))
-
-    async def _on_trigger(self, cmd: TriggerCommand) -> None:
-        try:
-            graph, _ = self._resolve(cmd.start_node)
-            context = self._validate(graph, cmd.context, f"initial context of {cmd.agent_id!r}")
-        except (UnknownNodeError, ContextValidationError) as exc:
-            log.error("trigger of agent %r refused: %s", cmd.agent_id, exc)
-            agent = NewAgent(cmd.agent_id, cmd.start_node, cmd.context, AgentStatus.FAILED,
-                             str(exc), self.pool)
-            if await self.persistence.create_agent(agent):
-                await self._notify_status(StatusInfo(cmd.agent_id, AgentStatus.FAILED,
-                                                     cmd.start_node, 0, str(exc)))
-                await self._wake()
-            return
-        await self.trigger_agent(cmd.agent_id, cmd.start_node, context)
 
     async def _run_step(self, event: StepEvent, delivery: Delivery) -> None:
         """Lease and run a step. A step whose worker died holding it (a suspect) that is leased
@@ -427,6 +339,8 @@ class Engine:
             if attempt > self._policy(rec.node).max_attempts:
                 raise WorkerDiedError(f"worker died during the step ({rec.crashes} times) at "
                                       f"node {rec.node!r}")
+            if rec.node not in self._nodes and await self._node_missing(rec, delivery):
+                return
             target, context = await self._execute(rec, delivery)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
@@ -435,9 +349,12 @@ class Engine:
         except BaseException as exc:  # SystemExit in a node too: the worker goes on
             await self._fail(rec, attempt, exc, delivery)
             return
+        fields = target.commit_fields() if isinstance(target, Directive) else {}
+        to = target.targets()[0] if isinstance(target, Directive) else target
         commit = Commit(rec.agent_id, self.owner, rec.step, rec.node,
-                        None if target is None else target.node_name, context, attempt,
-                        time.monotonic() - started)
+                        None if to is None else to.node_name, context, attempt,
+                        time.monotonic() - started, graph_version=self._version(rec.node),
+                        **fields)
         try:
             saved = await self.persistence.save_state(commit)
         except ContextValidationError as exc:  # the store cannot hold it (NaN in jsonb, say)
@@ -446,7 +363,10 @@ class Engine:
         if not saved:
             await self._refused(rec, delivery)
             return
-        if commit.to_node is not None and await self.bus.publish(
+        await self._publish_outbox([OutboxEntry(branch_id(rec.agent_id, rec.step + 1, i), 0)
+                                    for i in range(len(commit.branches or ()))])
+        parked = commit.branches is not None or commit.wake_in is not None or commit.waiting
+        if commit.to_node is not None and not parked and await self.bus.publish(
                 StepEvent(agent_id=rec.agent_id, step=rec.step + 1)) is not False:
             await self.persistence.clear_outbox([OutboxEntry(rec.agent_id, rec.step + 1)])
         await delivery.ack()
@@ -474,17 +394,19 @@ class Engine:
 
     async def _execute(
         self, rec: AgentRecord, delivery: Delivery
-    ) -> tuple[NodeClass | None, dict[str, Any]]:
-        """Run the leased node; returns the next node class and the new context (as JSON)."""
+    ) -> tuple[NodeClass | Directive[Any] | None, dict[str, Any]]:
+        """Run the leased node; returns where it goes next and the new context (as JSON)."""
         graph, node_cls = self._resolve(rec.node)
         ctx = self._model(graph, rec.context, f"stored context at node {rec.node!r}")
+        node = node_cls()
+        node.payload = validate_payload(node_cls, rec.payload)
         timeout = node_cls.retry.timeout
         run: _Run | None = None
         try:
             async with asyncio.timeout(timeout) as deadline:
                 run = _Run(rec.agent_id, rec.step, delivery, deadline)
                 self._running.add(run)
-                result = await node_cls().run(ctx)
+                result = await node.run(ctx)
         except TimeoutError:
             if not deadline.expired():
                 raise  # the node's own TimeoutError, not ours
@@ -552,6 +474,7 @@ class Engine:
             await self._notify_status(StatusInfo(rec.agent_id, AgentStatus.FAILED, rec.node,
                                                  rec.step, error))
             await self._wake()
+            await self._notify_parent(rec)
 
     # ------------------------------------------------------------------ helpers
 
@@ -570,30 +493,14 @@ class Engine:
     def _validate(self, graph: Graph, raw: dict[str, Any], where: str) -> dict[str, Any]:
         return self._model(graph, raw, where).model_dump(mode="json")
 
-    async def _notify_transition(self, info: TransitionInfo, status: StatusInfo) -> None:
-        await self._emit("on_transition", info.agent_id, info.from_node, info.to_node,
-                         info.duration * 1000)
-        await self._emit("on_step", info)
-        await self._notify_status(status)
-        if info.to_node is None:
-            await self._wake()
 
-    async def _notify_delivery(self, kind: str, delivery: Delivery, outcome: str) -> None:
-        await self._emit("on_delivery", DeliveryInfo(kind, delivery.deliveries, outcome))
-
-    async def _notify_status(self, info: StatusInfo) -> None:
-        await self._emit("on_status", info)
-
-    async def _emit(self, hook: str, *args: Any) -> None:
-        """Call ``hook`` on each observer that overrides it (skipping the no-op defaults saves
-        a coroutine per observer and hook on every step); observer errors are only logged."""
-        for obs in self.observers:
-            if getattr(type(obs), hook) is not getattr(Observer, hook):
-                await _safely(getattr(obs, hook)(*args))
-
-    async def _wake(self) -> None:
-        async with self._final:
-            self._final.notify_all()
+async def _every(interval: float, work: Any) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await work()
+        except Exception:
+            log.exception("%s failed; retrying in %.1fs", work.__name__, interval)
 
 
 def _describe(exc: BaseException) -> str:
@@ -601,10 +508,3 @@ def _describe(exc: BaseException) -> str:
         return str(exc)
     tail = "".join(traceback.format_exception(exc)[-3:]).strip()
     return f"{type(exc).__name__}: {exc}\n{tail}"
-
-
-async def _safely(awaitable: Any) -> None:
-    try:
-        await awaitable
-    except Exception:
-        log.exception("observer failed (ignored)")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from typing import Any, Self
-
 
 class CommandNetError(Exception):
     """Base class of every error commandnet raises on purpose."""
@@ -32,15 +29,6 @@ class ContextValidationError(CommandNetError):
 
 class TriggerConflictError(CommandNetError):
     """An agent id already exists with a different start node or initial context."""
-
-    @classmethod
-    def between(cls, agent_id: str, old: tuple[str, Any], new: tuple[str, Any]) -> Self:
-        """The error for ``agent_id`` whose stored (start node, context) differs from ``new``."""
-        return cls(
-            f"agent {agent_id!r} exists with start node {old[0]!r} and context "
-            f"{json.dumps(old[1], sort_keys=True)}; the new trigger asks for {new[0]!r} with "
-            f"{json.dumps(new[1], sort_keys=True)}"
-        )
 
 
 class AgentNotFoundError(CommandNetError):

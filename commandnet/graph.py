@@ -8,14 +8,19 @@ import types
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel
 
 from .errors import GraphError
-from .node import Node, context_type
+from .node import AnyNode, Directive, Node, context_type
 
-NodeClass = type[Node[Any]]
+NodeClass = type[AnyNode]
+
+
+class _Edge(NamedTuple):
+    node: NodeClass
+    kind: str  # "" for a plain move, else the directive's label ("sleep", "signal", ...)
 
 
 @dataclass(frozen=True)
@@ -27,30 +32,34 @@ class Graph:
     edges: dict[str, tuple[str, ...]]
     terminal: frozenset[str]
     context: type[BaseModel]
+    kinds: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict)
     _names: dict[NodeClass, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self._names.update({cls: name for name, cls in self.nodes.items()})
 
     def allows(self, source: str, target: object) -> bool:
-        """Whether node ``source`` declared ``target`` (a node class, or None to finish)."""
+        """Whether node ``source`` declared ``target`` (a node class, a directive, or None)."""
         if target is None:
             return source in self.terminal
+        if isinstance(target, Directive):
+            return all(self._declared(source, node, type(target).label(i))
+                       for i, node in enumerate(target.targets()))
+        return self._declared(source, target, "")
+
+    def _declared(self, source: str, target: object, kind: str) -> bool:
         name = self._names.get(target)  # type: ignore[call-overload]
-        return name is not None and name in self.edges[source]
+        return name is not None and kind in self.kinds.get((source, name), ())
 
     def to_dict(self) -> dict[str, list[str]]:
         """The seed's form: ``{'A': ['B', 'C'], 'B': [], 'C': []}`` (terminal edges omitted)."""
         return {name: list(targets) for name, targets in self.edges.items()}
 
     def to_mermaid(self) -> str:
-        """A Mermaid state diagram of the graph."""
-        lines = ["stateDiagram-v2", f"    [*] --> {self.start.node_name}"]
-        for name, targets in self.edges.items():
-            lines += [f"    {name} --> {target}" for target in targets]
-            if name in self.terminal:
-                lines.append(f"    {name} --> [*]")
-        return "\n".join(lines)
+        """A Mermaid state diagram of the graph, every edge labelled with its kind."""
+        from .loading.mermaid import mermaid
+
+        return mermaid(self)
 
 
 class GraphAnalyzer:
@@ -75,6 +84,7 @@ class GraphAnalyzer:
         nodes: dict[str, NodeClass] = {}
         edges: dict[str, tuple[str, ...]] = {}
         terminal: set[str] = set()
+        kinds: dict[tuple[str, str], frozenset[str]] = {}
         queue: list[NodeClass] = [start]
         while queue:
             node = queue.pop(0)
@@ -88,22 +98,25 @@ class GraphAnalyzer:
                 continue
             nodes[name] = node
             targets, ends = _edges_of(node, problems)
-            edges[name] = tuple(dict.fromkeys(t.node_name for t in targets))
+            edges[name] = tuple(dict.fromkeys(t.node.node_name for t in targets))
+            for edge in targets:
+                key = (name, edge.node.node_name)
+                kinds[key] = kinds.get(key, frozenset()) | {edge.kind}
             if ends:
                 terminal.add(name)
-            queue.extend(targets)
+            queue.extend(t.node for t in targets)
         ctx = _shared_context(nodes, problems)
         if problems:
             raise GraphError(problems)
         assert ctx is not None
-        return Graph(start, nodes, edges, frozenset(terminal), ctx)
+        return Graph(start, nodes, edges, frozenset(terminal), ctx, kinds)
 
 
 def _qualname(node: type) -> str:
     return f"{node.__module__}.{node.__qualname__}"
 
 
-def _edges_of(node: NodeClass, problems: list[str]) -> tuple[list[NodeClass], bool]:
+def _edges_of(node: NodeClass, problems: list[str]) -> tuple[list[_Edge], bool]:
     """The node classes (and whether None) that ``node.run``'s return hint declares."""
     run = node.__dict__.get("run") or getattr(node, "run", None)
     if run is None or run is Node.run:
@@ -120,20 +133,21 @@ def _edges_of(node: NodeClass, problems: list[str]) -> tuple[list[NodeClass], bo
         raw = run.__annotations__.get("return")
         problems.append(f"{node.__name__}.run return hint {raw!r} cannot be resolved: {exc}")
         return [], False
-    targets: list[NodeClass] = []
+    targets: list[_Edge] = []
     ends = False
     for item in _flatten(hints["return"]):
         if item is None:
             ends = True
-        elif isinstance(item, tuple):
-            problems.append(f"{node.__name__}.run return hint: {item[1]}")
-        else:
+        elif isinstance(item, _Edge):
             targets.append(item)
+        else:
+            problems.append(f"{node.__name__}.run return hint: {item[1]}")
     return targets, ends
 
 
-def _flatten(hint: Any, inside_type: bool = False) -> Iterator[NodeClass | tuple[str, str] | None]:
-    """Yield node classes, None (finish), or ("bad", reason) for each member of a hint."""
+def _flatten(hint: Any, inside_type: bool = False,
+             kind: str = "") -> Iterator[_Edge | tuple[str, str] | None]:
+    """Yield edges, None (finish), or ("bad", reason) for each member of a hint."""
     origin = typing.get_origin(hint)
     if hint is None or hint is type(None):
         yield None
@@ -142,15 +156,19 @@ def _flatten(hint: Any, inside_type: bool = False) -> Iterator[NodeClass | tuple
             yield from _flatten(arg, inside_type)
     elif origin is type:
         (arg,) = typing.get_args(hint) or (Any,)
-        yield from _flatten(arg, inside_type=True)
+        yield from _flatten(arg, inside_type=True, kind=kind)
+    elif isinstance(origin, type) and issubclass(origin, Directive) and not kind:
+        for i, arg in enumerate(typing.get_args(hint)):
+            yield from _flatten(arg, True, origin.label(i))
     elif isinstance(hint, type) and issubclass(hint, Node):
         if inside_type:
-            yield hint
+            yield _Edge(hint, kind)
         else:
             yield ("bad", f"`{hint.__name__}` is an instance hint; return the class, "
                           f"hinted `type[{hint.__name__}]`")
     else:
-        yield ("bad", f"{hint!r} is not a Node class (expected type[SomeNode] or None)")
+        yield ("bad", f"{hint!r} is not a Node class (expected type[SomeNode], None or a "
+                      "directive such as Sleep[SomeNode])")
 
 
 def _sibling_nodes(node: NodeClass) -> dict[str, Any]:

@@ -39,12 +39,14 @@ class TriggerCommand(_Message):
     agent_id: str = Field(min_length=1)
     start_node: str = Field(min_length=1)
     context: dict[str, Any] = Field(default_factory=dict)
+    payload: Any = None
 
     @property
     def dedup_id(self) -> str:
         """Identifier for de-duplication: a repeat of this request, not any trigger of the id
         (a conflicting one must reach a worker, to be refused with a reason)."""
-        request = json.dumps([self.start_node, self.context], sort_keys=True).encode()
+        request = json.dumps([self.start_node, self.context, self.payload],
+                             sort_keys=True).encode()
         return f"{self.agent_id}:trigger:{hashlib.sha256(request).hexdigest()[:16]}"
 
 
@@ -63,16 +65,47 @@ class CancelCommand(_Message):
         return f"{self.agent_id}:cancel:{self.request}"
 
 
-Message = Annotated[StepEvent | TriggerCommand | CancelCommand, Field(discriminator="kind")]
-_adapter: TypeAdapter[StepEvent | TriggerCommand | CancelCommand] = TypeAdapter(Message)
+class SignalCommand(_Message):
+    """Send signal ``name`` to an agent; the same ``signal_id`` is applied once."""
+
+    kind: Literal["signal"] = "signal"
+    agent_id: str = Field(min_length=1)
+    name: str = Field(min_length=1)
+    payload: Any = None
+    signal_id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1)
+
+    @property
+    def dedup_id(self) -> str:
+        """Identifier for de-duplication: this signal."""
+        return f"{self.agent_id}:signal:{self.signal_id}"
 
 
-def encode(message: StepEvent | TriggerCommand | CancelCommand) -> bytes:
+class ResumeCommand(_Message):
+    """Run a failed or cancelled agent again from ``node``, its context patched (RFC 7396)."""
+
+    kind: Literal["resume"] = "resume"
+    agent_id: str = Field(min_length=1)
+    node: str = Field(min_length=1)
+    context_patch: dict[str, Any] = Field(default_factory=dict)
+    request: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1)
+
+    @property
+    def dedup_id(self) -> str:
+        """Identifier for de-duplication: this request."""
+        return f"{self.agent_id}:resume:{self.request}"
+
+
+AnyMessage = StepEvent | TriggerCommand | CancelCommand | SignalCommand | ResumeCommand
+Message = Annotated[AnyMessage, Field(discriminator="kind")]
+_adapter: TypeAdapter[AnyMessage] = TypeAdapter(Message)
+
+
+def encode(message: AnyMessage) -> bytes:
     """Serialise a message to JSON bytes."""
     return message.model_dump_json().encode()
 
 
-def decode(data: bytes) -> StepEvent | TriggerCommand | CancelCommand:
+def decode(data: bytes) -> AnyMessage:
     """Parse JSON bytes; :class:`MalformedMessageError` names what is wrong."""
     try:
         return _adapter.validate_json(data)

@@ -9,7 +9,7 @@ lock is taken. Every agent row records its pool; the repair methods only touch o
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Sequence
 
 from .records import (
@@ -22,10 +22,13 @@ from .records import (
     OutboxEntry,
     SweepClaim,
 )
+from .worker.resync_store import ResyncStore
+from .workflow.store import WorkflowStore
 
 
-class Persistence(ABC):
-    """Durable agent state with step-fenced leases and a transactional outbox."""
+class Persistence(WorkflowStore, ResyncStore):
+    """Durable agent state with step-fenced leases and a transactional outbox (and what the
+    workflow features and the status resync need, declared in their own packages)."""
 
     async def setup(self) -> None:
         """Create or migrate the schema; idempotent. Called by the engine at start."""
@@ -48,7 +51,9 @@ class Persistence(ABC):
         alone: bool = False,
     ) -> Lease:
         """Lease ``step`` of a running agent of ``pool`` if no live lease or retry delay stands
-        in the way (FOREIGN for another pool's agent, which is left alone).
+        in the way (FOREIGN for another pool's agent, which is left alone; STALE while the agent
+        is parked, as only :meth:`wake_due` publishes a parked agent's step). Leasing a fan-out's
+        join step gives it the branches' results as its payload (see ``Commit``).
 
         Taking the lease counts an attempt, and a crash when the previous lease was never
         settled (its worker died holding it), so a step that kills its worker runs out of
@@ -65,14 +70,16 @@ class Persistence(ABC):
 
     @abstractmethod
     async def save_state(self, commit: Commit) -> bool:
-        """Commit a transition, its history row and (if not final) its outbox event.
+        """Commit a transition, its history row and (if not final) its outbox event; parking and
+        fan-out as ``Commit`` says; a branch that succeeds counts down its parent.
 
         Returns False, changing nothing, when the fence fails.
         """
 
     @abstractmethod
     async def record_failure(self, failure: Failure) -> bool:
-        """Store a failed attempt (or fail the agent when final); False when the fence fails."""
+        """Store a failed attempt (or fail the agent when final: a branch then counts down its
+        parent, see ``Commit``); False when the fence fails."""
 
     @abstractmethod
     async def release_lease(self, agent_id: str, step: int, owner: str) -> None:
@@ -80,7 +87,8 @@ class Persistence(ABC):
 
     @abstractmethod
     async def cancel_agent(self, agent_id: str, reason: str, pool: str = "default") -> bool:
-        """Mark a running agent cancelled; False when it is already final.
+        """Mark a running agent cancelled (parked ones too), and its running branches and theirs;
+        False when it is already final. A cancelled branch counts as ended for its parent.
 
         An unknown id gets a cancelled tombstone (empty start node) that a later trigger of the
         id respects: commands from different workers may overtake each other.
@@ -109,8 +117,8 @@ class Persistence(ABC):
     async def stalled_agents(
         self, older_than: float, limit: int, pool: str | None = None
     ) -> list[OutboxEntry]:
-        """Claim running agents of ``pool`` with no live lease and neither a change nor a
-        claim for ``older_than`` seconds; oldest first.
+        """Claim running agents of ``pool`` that are not parked, with no live lease and neither
+        a change nor a claim for ``older_than`` seconds; oldest first.
 
         Their current step is re-published by the reconciler (the bus may have lost it); the
         claim is recorded, so one agent is returned at most once per ``older_than``.
@@ -120,14 +128,3 @@ class Persistence(ABC):
     async def claim_sweep(self, pool: str, owner: str, seconds: float) -> SweepClaim | None:
         """Take or renew ``pool``'s repair turn for ``seconds``; None while another owner has
         it. One sweeper per pool bounds the repair traffic whatever the number of workers."""
-
-    @abstractmethod
-    async def mark_resynced(self, pool: str, until: float) -> None:
-        """Record that statuses changed up to ``until`` (store clock) have been resynced."""
-
-    @abstractmethod
-    async def changed_agents(
-        self, pool: str, after: tuple[float, str], until: float, limit: int
-    ) -> list[AgentRecord]:
-        """Agents of ``pool`` whose ``(updated_at, agent_id)`` is past ``after`` and whose
-        ``updated_at`` is at most ``until``, in that order (a page of the status resync)."""

@@ -6,6 +6,11 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+# The workflow's records, re-exported for stores.
+from .workflow.records import Branch as Branch
+from .workflow.records import SignalOutcome as SignalOutcome
+from .workflow.records import branch_id as branch_id
+
 
 class AgentStatus(enum.StrEnum):
     """Lifecycle of an agent; only ``running`` agents are ever leased."""
@@ -40,6 +45,17 @@ class AgentRecord:
     updated_at: float = 0.0
     pool: str = "default"
     crashes: int = 0  # attempts of this step whose worker died holding the lease
+    payload: Any = None  # JSON given to this step's node (a trigger's or a signal's)
+    wake_at: float | None = None  # parked (a timer, a signal wait's timeout) until then
+    waiting: str | None = None  # parked until the signal of this name arrives
+    parent_id: str | None = None  # a fan-out branch: the agent that joins it
+    joining: int | None = None  # a fan-out's join: parked until this many branches have ended
+    graph_version: str | None = None  # of the graph that triggered it or ran its last step
+
+    @property
+    def parked(self) -> bool:
+        """Whether the agent waits for a time, a signal or branches (no event, lease, slot)."""
+        return self.wake_at is not None or self.waiting is not None or self.joining is not None
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,7 @@ class HistoryRecord:
     attempts: int
     duration: float
     at: float
+    kind: str = "step"  # step (a node ran), timeout (a signal wait ran out), resume
 
 
 @dataclass(frozen=True)
@@ -69,6 +86,8 @@ class NewAgent:
     status: AgentStatus = AgentStatus.RUNNING
     error: str | None = None
     pool: str = "default"
+    payload: Any = None
+    graph_version: str | None = None
 
 
 class LeaseState(enum.StrEnum):
@@ -96,7 +115,18 @@ class Commit:
 
     ``to_node=None`` ends the agent as succeeded (``node`` stays the last node that ran);
     otherwise the agent moves to ``to_node`` at ``step + 1`` and the step event for it is
-    written to the outbox in the same transaction.
+    written to the outbox in the same transaction, unless the agent parks: ``wake_in`` (a
+    timer: due ``wake_in`` s later on the store's clock) or ``waiting`` (a signal name; a kept
+    signal of that name is consumed at once and makes the agent due now, otherwise it waits,
+    until ``wake_in`` if set, then moves to ``timeout_node``), or fans out: each of ``branches``
+    becomes a sub-agent of the same pool (id ``branch_id(agent_id, step + 1, i)``, this agent its
+    ``parent_id``, its step 0 event in the outbox) and the agent parks at ``to_node`` (the join)
+    with ``joining`` = their number. A branch that ends counts down its parent's ``joining`` in
+    the transaction that ends it; at 0 the parent is due. ``join_policy`` ``fail_fast``: a branch
+    that fails or is cancelled fails the parent at once, naming it, and cancels its siblings;
+    ``collect``: the join runs when all have ended. Leasing the join step gives it the branches'
+    results as its payload, in branch order: ``{agent_id, status, node, context, error}``.
+    ``payload`` goes to ``to_node``.
     """
 
     agent_id: str
@@ -107,6 +137,13 @@ class Commit:
     context: dict[str, Any]
     attempts: int
     duration: float
+    payload: Any = None
+    wake_in: float | None = None
+    waiting: str | None = None
+    timeout_node: str | None = None
+    branches: tuple[Branch, ...] | None = None  # None: no fan-out; () joins at once
+    join_policy: str = "fail_fast"
+    graph_version: str | None = None  # of the graph that ran the step (None: keep the stored)
 
 
 @dataclass(frozen=True)
@@ -142,3 +179,4 @@ class SweepClaim:
 
     now: float
     resynced_until: float | None  # the status resync has covered changes up to here
+

@@ -16,7 +16,12 @@ from typing import Any
 
 import pytest
 
-from commandnet_operator.crd import CRD_NAME, IMMUTABLE_SPEC_MESSAGE
+from commandnet_operator.crd import (
+    APPEND_ONLY_MESSAGE,
+    CRD_NAME,
+    ENTRY_CHANGED_MESSAGE,
+    IMMUTABLE_SPEC_MESSAGE,
+)
 from commandnet_operator.resource import (
     API_VERSION,
     HISTORY_LIMIT,
@@ -95,6 +100,10 @@ def test_kubectl_explain_shows_the_descriptions(agents: LocalCluster) -> None:
     assert "A durable agent run by a commandnet worker pool." in kind, kind
     assert "spec <Object> -required-" in kind and "What to run:" in kind, kind
     assert "What the agent is doing" in kind, kind
+    signals = " ".join(agents.kubectl("explain", "agent.spec.signals").stdout.split())
+    assert "Append only" in signals and "/spec/signals/-" in signals, signals
+    resumes = " ".join(agents.kubectl("explain", "agent.spec.resumes.contextPatch").stdout.split())
+    assert "JSON merge patch (RFC 7396)" in resumes, resumes
 
 
 def test_valid_agent_from_the_model_is_created_and_reads_back(agents: LocalCluster) -> None:
@@ -106,7 +115,8 @@ def test_valid_agent_from_the_model_is_created_and_reads_back(agents: LocalClust
     create(agents, model.model_dump(mode="json"))
     got = get(agents, "valid")
     assert got["spec"] == {"startNode": "AuthCheck", "pool": "default",
-                           "context": {"user_query": "clean_logs", "nested": {"a": [1, 2]}}}
+                           "context": {"user_query": "clean_logs", "nested": {"a": [1, 2]}},
+                           "signals": [], "resumes": []}
     assert "status" not in got
     back = Agent.model_validate(got)
     assert back.spec == model.spec and back.status is None
@@ -152,7 +162,8 @@ def test_context_at_the_limit_is_accepted(agents: LocalCluster) -> None:
 def test_spec_is_immutable(agents: LocalCluster) -> None:
     create(agents, agent("fixed", startNode="AuthCheck", context={"n": 1}))
     for patch in ({"spec": {"startNode": "Other"}}, {"spec": {"context": {"n": 2}}},
-                  {"spec": {"pool": "other"}}):
+                  {"spec": {"pool": "other"}}, {"spec": {"payload": {"n": 2}}},
+                  {"spec": {"ttlSecondsAfterFinished": 3}}):
         res = agents.kubectl("patch", "agent", "fixed", "-n", NS, "--type=merge",
                              "-p", json.dumps(patch), check=False)
         assert res.returncode != 0, (patch, res.stdout)
@@ -161,6 +172,78 @@ def test_spec_is_immutable(agents: LocalCluster) -> None:
     # Metadata is not spec: labels may change.
     agents.kubectl("label", "agent", "fixed", "-n", NS, "team=a")
     assert get(agents, "fixed")["metadata"]["labels"] == {"team": "a"}
+
+
+def json_patch(kube: LocalCluster, name: str, *ops: dict[str, Any]) -> CompletedProcess[str]:
+    """``kubectl patch --type=json`` as the docs show it."""
+    return kube.kubectl("patch", "agent", name, "-n", NS, "--type=json", "-p", json.dumps(ops),
+                        check=False)
+
+
+def test_payload_is_a_json_object_kept_as_given_and_immutable(agents: LocalCluster) -> None:
+    payload = {"amount": 5, "items": [1, "a"], "nested": {"x": None, "y": 1.5}}
+    create(agents, agent("paid", startNode="TakeOrder", payload=payload))
+    assert get(agents, "paid")["spec"]["payload"] == payload
+    res = create(agents, agent("paid-list", startNode="TakeOrder", payload=[1, 2]), check=False)
+    assert res.returncode != 0 and "spec.payload" in res.stderr, res.stderr
+    res = agents.kubectl("patch", "agent", "paid", "-n", NS, "--type=merge",
+                         "-p", json.dumps({"spec": {"payload": {"amount": 6}}}), check=False)
+    assert res.returncode != 0 and IMMUTABLE_SPEC_MESSAGE in res.stderr, res.stderr
+    res = json_patch(agents, "paid", {"op": "remove", "path": "/spec/payload"})
+    assert res.returncode != 0 and IMMUTABLE_SPEC_MESSAGE in res.stderr, res.stderr
+    # Adding a field that was absent is a change too.
+    res = json_patch(agents, "paid", {"op": "add", "path": "/spec/ttlSecondsAfterFinished",
+                                      "value": 5})
+    assert res.returncode != 0 and IMMUTABLE_SPEC_MESSAGE in res.stderr, res.stderr
+    assert get(agents, "paid")["spec"]["payload"] == payload
+
+
+@pytest.mark.parametrize("field", ["signals", "resumes"])
+def test_signals_and_resumes_may_only_grow(agents: LocalCluster, field: str) -> None:
+    name = f"grow-{field}"
+    create(agents, agent(name, startNode="Ask", context={"n": 1}))
+    assert get(agents, name)["spec"][field] == []  # defaulted: `add .../-` works at once
+
+    def entry(i: int, **extra: Any) -> dict[str, Any]:
+        if field == "signals":
+            return {"id": f"e-{i}", "name": "approval", "payload": {"by": f"u{i}"}, **extra}
+        return {"id": f"e-{i}", "fromNode": "Ask", "contextPatch": {"n": i}, **extra}
+
+    # The documented way: kubectl patch --type=json, op add, path /spec/<field>/-.
+    for i in (1, 2):
+        res = json_patch(agents, name, {"op": "add", "path": f"/spec/{field}/-",
+                                        "value": entry(i)})
+        assert res.returncode == 0, res.stderr
+    assert get(agents, name)["spec"][field] == [entry(1), entry(2)]
+    changed = ENTRY_CHANGED_MESSAGE.format(field=field)
+    grow_only = APPEND_ONLY_MESSAGE.format(field=field)
+    refused = [
+        ([{"op": "replace", "path": f"/spec/{field}/0", "value": entry(1, fromNode="Other")
+           if field == "resumes" else entry(1, name="other")}], changed),
+        ([{"op": "remove", "path": f"/spec/{field}/0"}], grow_only),
+        ([{"op": "remove", "path": f"/spec/{field}/1"}], grow_only),
+        ([{"op": "replace", "path": f"/spec/{field}", "value": [entry(2), entry(1)]}], grow_only),
+        ([{"op": "add", "path": f"/spec/{field}/0", "value": entry(3)}], grow_only),
+        ([{"op": "add", "path": f"/spec/{field}/1", "value": entry(3)}], grow_only),
+        # removed and another appended: the size stays, the entry is gone
+        ([{"op": "remove", "path": f"/spec/{field}/1"},
+          {"op": "add", "path": f"/spec/{field}/-", "value": entry(3)}], grow_only),
+        ([{"op": "add", "path": f"/spec/{field}/-", "value": entry(3)},
+          {"op": "replace", "path": "/spec/startNode", "value": "Other"}],
+         IMMUTABLE_SPEC_MESSAGE),
+    ]
+    for ops, message in refused:
+        res = json_patch(agents, name, *ops)
+        assert res.returncode != 0, (ops, res.stdout)
+        assert message in res.stderr, (ops, res.stderr)
+    res = json_patch(agents, name, {"op": "add", "path": f"/spec/{field}/-", "value": entry(1)})
+    assert res.returncode != 0 and "Duplicate value" in res.stderr, res.stderr
+    assert get(agents, name)["spec"][field] == [entry(1), entry(2)]
+    # A merge patch replaces the whole list: appending that way works too.
+    res = agents.kubectl("patch", "agent", name, "-n", NS, "--type=merge", "-p", json.dumps(
+        {"spec": {field: [entry(1), entry(2), entry(3)]}}), check=False)
+    assert res.returncode == 0, res.stderr
+    assert [e["id"] for e in get(agents, name)["spec"][field]] == ["e-1", "e-2", "e-3"]
 
 
 def test_status_subresource_and_printer_columns(agents: LocalCluster) -> None:

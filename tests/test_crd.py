@@ -17,6 +17,8 @@ from commandnet_operator.resource import (
     HISTORY_LIMIT,
     KIND,
     MAX_CONTEXT_PROPERTIES,
+    MAX_RESUMES,
+    MAX_SIGNALS,
     POOL_PATTERN,
     SHORT_NAMES,
     Agent,
@@ -95,8 +97,33 @@ def test_schema_carries_the_models_rules() -> None:
     assert root["required"] == ["spec"]
     spec = root["properties"]["spec"]
     assert spec["required"] == ["startNode"]
-    assert spec["x-kubernetes-validations"] == [
-        {"rule": "self == oldSelf", "message": crd.IMMUTABLE_SPEC_MESSAGE}]
+    (immutable,) = spec["x-kubernetes-validations"]
+    assert immutable["message"] == crd.IMMUTABLE_SPEC_MESSAGE
+    for name in spec["properties"]:  # every field is immutable, but the two lists that grow
+        assert (f"self.{name} == oldSelf.{name}" in immutable["rule"]) == (
+            name not in ("signals", "resumes")), name
+        assert (f"has(self.{name}) == has(oldSelf.{name})" in immutable["rule"]) == (
+            name not in ("signals", "resumes")), name
+    for name, limit in (("signals", MAX_SIGNALS), ("resumes", MAX_RESUMES)):
+        grows = spec["properties"][name]
+        assert (grows["type"], grows["default"], grows["maxItems"]) == ("array", [], limit)
+        assert grows["x-kubernetes-list-type"] == "map"
+        assert grows["x-kubernetes-list-map-keys"] == ["id"]
+        assert "id" in grows["items"]["required"]
+        (entry_rule,) = grows["items"]["x-kubernetes-validations"]
+        assert entry_rule == {"rule": "self == oldSelf",
+                              "message": crd.ENTRY_CHANGED_MESSAGE.format(field=name)}
+        (list_rule,) = grows["x-kubernetes-validations"]
+        assert list_rule["message"] == crd.APPEND_ONLY_MESSAGE.format(field=name)
+        assert "size(self) >= size(oldSelf)" in list_rule["rule"]
+    signal = spec["properties"]["signals"]["items"]["properties"]
+    assert signal["payload"]["type"] == "object"
+    assert signal["payload"]["x-kubernetes-preserve-unknown-fields"] is True
+    resume = spec["properties"]["resumes"]["items"]
+    assert resume["required"] == ["id", "fromNode"]
+    assert resume["properties"]["contextPatch"]["x-kubernetes-preserve-unknown-fields"] is True
+    payload = spec["properties"]["payload"]
+    assert payload["type"] == "object" and payload["x-kubernetes-preserve-unknown-fields"]
     context = spec["properties"]["context"]
     assert context["type"] == "object"
     assert context["x-kubernetes-preserve-unknown-fields"] is True
@@ -111,6 +138,9 @@ def test_schema_carries_the_models_rules() -> None:
     status = root["properties"]["status"]["properties"]
     assert status["phase"]["enum"] == ["Pending", "Running", "Succeeded", "Failed", "Cancelled"]
     assert status["startTime"]["format"] == "date-time"
+    assert status["signalsSent"] == {"description": status["signalsSent"]["description"],
+                                     "type": "integer", "minimum": 0}
+    assert status["resumesHandled"]["type"] == "integer"
     assert status["history"]["maxItems"] == HISTORY_LIMIT
     assert status["history"]["items"]["properties"]["time"]["format"] == "date-time"
     assert status["history"]["items"]["properties"]["phase"]["enum"] == status["phase"]["enum"]

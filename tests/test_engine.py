@@ -118,14 +118,22 @@ async def test_undeclared_transition_and_invalid_context_fail_the_agent(engine: 
     assert (await engine.wait_for("fine", timeout=10)).status is AgentStatus.SUCCEEDED
 
 
-async def test_unknown_node_name_fails_the_agent(engine: Engine) -> None:
+async def test_a_step_at_a_removed_node_waits_node_grace_then_fails_naming_it(
+        engine: Engine) -> None:
     engine.register(Start)
+    engine.node_grace = 1.0
     store = engine.persistence
-    await store.create_agent(NewAgent("ghost", "RemovedNode", {"query": "q"}))
+    await store.create_agent(NewAgent("ghost", "RemovedNode", {"query": "q"},
+                                      graph_version="0" * 64))
     await engine.bus.publish(StepEvent(agent_id="ghost", step=0))
-    rec = await engine.wait_for("ghost", timeout=10)
+    await asyncio.sleep(0.3)
+    waiting = await store.get_agent("ghost")  # handed back: no lease held, no attempt used
+    assert waiting is not None and waiting.status is AgentStatus.RUNNING
+    assert (waiting.lease_owner, waiting.attempts) == (None, 0)
+    rec = await engine.wait_for("ghost", timeout=20)
     assert rec.status is AgentStatus.FAILED
-    assert "unknown node 'RemovedNode'" in (rec.error or "")
+    assert (rec.error or "").startswith("node 'RemovedNode' was removed: agent 'ghost'")
+    assert "0" * 12 in (rec.error or "")
 
 
 async def test_stored_context_that_no_longer_validates(engine: Engine) -> None:

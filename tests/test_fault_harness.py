@@ -9,6 +9,7 @@ from commandnet import Node, RetryPolicy
 from commandnet.examples.linear import Start as Step0
 from commandnet.examples.linear import Trail as Counter
 from commandnet.testing import CRASH_POINTS, FaultHarness
+from tests.graphs import waiting
 
 
 class Ctx(BaseModel):
@@ -95,6 +96,28 @@ async def test_node_that_always_fails() -> None:
     report = await FaultHarness(Doomed, {"d": Ctx()}).check()
     assert report.clean.agents["d"][:3] == ("failed", "Doomed", 0)
     assert report.clean.history["d"] == []
+
+
+async def test_a_durable_timer() -> None:
+    report = await FaultHarness(waiting.Nap, {"t": waiting.Ctx(sleep_for=60)}).check()
+    assert report.clean.agents["t"][:3] == ("succeeded", "Woke", 2)
+    assert report.crashes["before_commit"] == 2 and report.crashes["after_commit"] == 2
+
+
+async def test_a_fan_out_and_its_join_for_both_policies() -> None:
+    agents = {"ok": waiting.Ctx(branches=3),
+              "collect": waiting.Ctx(branches=3, fail_at="Square1", policy="collect"),
+              # fail fast with one branch: with siblings, which of them end before the failure
+              # depends on delivery order, which a crash changes (not a durability matter)
+              "fast": waiting.Ctx(branches=1, fail_at="Square0")}
+    report = await FaultHarness(waiting.Split, agents).check()
+    assert report.clean.agents["ok"][:3] == ("succeeded", "Gather", 2)
+    assert '"amount": 5' in report.clean.agents["ok"][3]  # 0 + 1 + 4
+    assert '"amount": 4' in report.clean.agents["collect"][3]  # branch 1 failed
+    assert report.clean.agents["fast"][0] == "failed"
+    assert report.clean.agents["fast/1/0"][0] == "failed"
+    assert report.clean.agents["ok/1/2"][:3] == ("succeeded", "Square", 1)
+    assert report.crashes["before_commit"] == 10  # each commit: Split, Square, Gather
 
 
 class Nondeterministic(Node[Ctx]):

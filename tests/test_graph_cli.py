@@ -15,10 +15,15 @@ EDGES = {
     "Intake": ["RiskCheck"],
     "RiskCheck": ["Charge", "ManualReview", "Rejected"],
     "ManualReview": ["Charge", "Rejected"],
-    "Charge": ["Fulfil"],
-    "Fulfil": [],
+    "Charge": ["Pick"],
     "Rejected": [],
+    "Pick": ["Pack", "PickItem"],
+    "Pack": ["Fulfil"],
+    "PickItem": [],
+    "Fulfil": [],
 }
+# The edges that are not plain moves carry their kind in the picture.
+LABELS = {("Pick", "Pack"): "join", ("Pick", "PickItem"): "branch", ("Pack", "Fulfil"): "sleep"}
 
 
 def test_graph_json_is_the_adjacency_dict() -> None:
@@ -37,9 +42,10 @@ def test_graph_mermaid_is_a_state_diagram_of_every_edge() -> None:
     lines = [line.strip() for line in result.output.strip().splitlines()]
     assert lines[0] == "stateDiagram-v2"
     assert lines[1] == "[*] --> Intake"
-    expected = {f"{source} --> {target}" for source, targets in EDGES.items()
-                for target in targets}
-    expected |= {"Fulfil --> [*]", "Rejected --> [*]"}
+    expected = {f"{source} --> {target}" + (f": {LABELS[source, target]}"
+                                            if (source, target) in LABELS else "")
+                for source, targets in EDGES.items() for target in targets}
+    expected |= {"Fulfil --> [*]", "Rejected --> [*]", "PickItem --> [*]"}
     assert set(lines[2:]) == expected and len(lines[2:]) == len(expected), lines
 
 

@@ -47,7 +47,8 @@ def test_an_older_value_never_moves_the_status_back() -> None:
     assert merge(at_two, value("running", "Work", 1), 1) is at_two
     done = merge(at_two, value("succeeded", "Done", 3), 1)
     assert merge(done, value("running", "Done", 3), 1) is done  # finished stays finished
-    assert merge(done, value("failed", "Done", 4, error="x"), 1) is done
+    assert merge(done, value("failed", "Done", 3, error="x"), 1) is done
+    assert merge(done, value("running", "Done", 2), 1) is done
 
 
 def test_a_failure_carries_its_reason_and_error_into_conditions() -> None:

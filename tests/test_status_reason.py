@@ -89,7 +89,7 @@ GRAPHS = [Start, Sneaky, Corrupt, Slow, Raises, Hold]
 async def setup() -> AsyncIterator[tuple[Engine, Recorder]]:
     recorder = Recorder()
     engine = Engine(InMemoryPersistence(), InMemoryEventBus(), graphs=GRAPHS,
-                    observers=[recorder], lease_seconds=5)
+                    observers=[recorder], lease_seconds=5, node_grace=0.0)
     await engine.start_worker()
     yield engine, recorder
     await engine.stop(grace=1)
@@ -107,7 +107,7 @@ async def reason_of(engine: Engine, recorder: Recorder, agent_id: str,
     return reason
 
 
-async def test_unknown_node_from_a_trigger_and_from_a_stored_agent(
+async def test_unknown_node_from_a_trigger_and_node_removed_under_a_stored_agent(
         setup: tuple[Engine, Recorder]) -> None:
     engine, recorder = setup
     outsider = Engine(engine.persistence, engine.bus)  # knows no graph, like the operator
@@ -115,7 +115,24 @@ async def test_unknown_node_from_a_trigger_and_from_a_stored_agent(
     assert await reason_of(engine, recorder, "typo") == "UnknownNode"
     await engine.persistence.create_agent(NewAgent("ghost", "RemovedNode", {"query": "q"}))
     await engine.bus.publish(StepEvent(agent_id="ghost", step=0))
-    assert await reason_of(engine, recorder, "ghost") == "UnknownNode"
+    assert await reason_of(engine, recorder, "ghost") == "NodeRemoved"  # node_grace 0: at once
+
+
+class Order(BaseModel):
+    amount: int
+
+
+class Paid(Node[Ctx, Order], retry=FAST):
+    async def run(self, ctx: Ctx) -> None:
+        ctx.hits = self.payload.amount
+
+
+async def test_invalid_payload_from_a_trigger_command(setup: tuple[Engine, Recorder]) -> None:
+    engine, recorder = setup
+    engine.register(Paid)
+    outsider = Engine(engine.persistence, engine.bus)
+    await outsider.trigger_agent("bad-pay", "Paid", {}, payload={"amount": "lots"})
+    assert await reason_of(engine, recorder, "bad-pay") == "InvalidPayload"
 
 
 async def test_invalid_context_initial_stored_and_returned(

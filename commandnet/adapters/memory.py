@@ -12,17 +12,18 @@ import copy
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from typing_extensions import override
 
 from ..bus import Delivery, EventBus, Handler
-from ..errors import TriggerConflictError
-from ..messages import CancelCommand, StepEvent, TriggerCommand, encode
+from ..messages import AnyMessage, encode
 from ..persistence import Persistence
 from ..records import (
     AgentRecord,
     AgentStatus,
+    Branch,
     Commit,
     Failure,
     HistoryRecord,
@@ -30,8 +31,11 @@ from ..records import (
     LeaseState,
     NewAgent,
     OutboxEntry,
+    SignalOutcome,
     SweepClaim,
 )
+from ..workflow.records import PARENT_CANCELLED, SIBLING_FAILED, branch_id
+from .conflict import trigger_conflict
 
 Clock = Callable[[], float]
 
@@ -42,6 +46,15 @@ def replace(rec: AgentRecord, **changes: Any) -> AgentRecord:
     new = object.__new__(AgentRecord)
     new.__dict__.update(rec.__dict__, **changes)
     return new
+
+
+@dataclass
+class _Signal:
+    signal_id: str
+    name: str
+    payload: Any
+    created_at: float
+    consumed_step: int | None = None
 
 
 class InMemoryPersistence(Persistence):
@@ -55,6 +68,9 @@ class InMemoryPersistence(Persistence):
         self.republished: dict[str, float] = {}
         self.solo: dict[str, bool] = {}  # the current lease runs alone (see load_and_lock_agent)
         self.sweeps: dict[str, tuple[str, float, float | None]] = {}  # owner, until, resynced
+        self.signals: dict[str, dict[str, _Signal]] = {}  # agent id -> signal id -> signal
+        self.timeout_nodes: dict[str, str | None] = {}  # a signal wait's node when it runs out
+        self.joins: dict[str, tuple[int, int, str]] = {}  # join agent -> step, branches, policy
 
     @override
     async def create_agent(self, agent: NewAgent) -> bool:
@@ -68,14 +84,15 @@ class InMemoryPersistence(Persistence):
         if old is not None:
             if old.start_node == agent.start_node and old.initial_context == agent.context:
                 return False
-            raise TriggerConflictError.between(
+            raise trigger_conflict(
                 agent.agent_id, (old.start_node, old.initial_context),
                 (agent.start_node, agent.context))
         self.agents[agent.agent_id] = AgentRecord(
             agent_id=agent.agent_id, node=agent.start_node, step=0, status=agent.status,
             context=copy.deepcopy(agent.context), start_node=agent.start_node,
             initial_context=copy.deepcopy(agent.context), error=agent.error,
-            created_at=now, updated_at=now, pool=agent.pool,
+            created_at=now, updated_at=now, pool=agent.pool, payload=copy.deepcopy(agent.payload),
+            graph_version=agent.graph_version,
         )
         self.history[agent.agent_id] = []
         if agent.status is AgentStatus.RUNNING:
@@ -93,7 +110,7 @@ class InMemoryPersistence(Persistence):
             return Lease(LeaseState.MISSING)
         if rec.pool != pool:
             return Lease(LeaseState.FOREIGN)
-        if rec.status is not AgentStatus.RUNNING or rec.step != step:
+        if rec.status is not AgentStatus.RUNNING or rec.step != step or rec.parked:
             return Lease(LeaseState.STALE)
         if rec.lease_until is not None and rec.lease_until > now:
             return Lease(LeaseState.BUSY, retry_after=rec.lease_until - now)
@@ -102,6 +119,10 @@ class InMemoryPersistence(Persistence):
                       attempts=rec.attempts + 1 - (died and not self.solo.get(agent_id, False)),
                       crashes=rec.crashes + died)
         self.solo[agent_id] = alone and rec.crashes > 0
+        step_, size, _ = self.joins.get(agent_id, (-1, 0, ""))
+        if step_ == step:  # a fan-out's join: its payload is the branches' results
+            rec = replace(rec, payload=[self._result(branch_id(agent_id, step, i))
+                                        for i in range(size)])
         self.agents[agent_id] = rec
         return Lease(LeaseState.GRANTED, rec)  # the engine only reads the context
 
@@ -133,19 +154,157 @@ class InMemoryPersistence(Persistence):
             return False
         now = self.clock()
         done = commit.to_node is None
+        park: dict[str, Any] = {"payload": copy.deepcopy(commit.payload), "wake_at": None,
+                                "graph_version": commit.graph_version or rec.graph_version}
+        if not done and commit.waiting is not None:
+            kept = self._kept(commit.agent_id, commit.waiting)
+            if kept is not None:  # the signal came first: consume it, due at once
+                kept.consumed_step = commit.step + 1
+                park.update(payload=copy.deepcopy(kept.payload), wake_at=now)
+            else:
+                park.update(waiting=commit.waiting, wake_at=None if commit.wake_in is None
+                            else now + commit.wake_in)
+                self.timeout_nodes[commit.agent_id] = commit.timeout_node
+        elif not done and commit.wake_in is not None:
+            park["wake_at"] = now + commit.wake_in
+        elif not done and commit.branches is not None:
+            park.update(joining=len(commit.branches) or None,
+                        wake_at=None if commit.branches else now)
+            self.joins[commit.agent_id] = (commit.step + 1, len(commit.branches),
+                                           commit.join_policy)
+            for i, branch in enumerate(commit.branches):
+                self._create_branch(rec, commit.step + 1, i, branch, now, park["graph_version"])
         self.agents[commit.agent_id] = replace(
             rec, node=commit.to_node or rec.node, step=commit.step + 1,
             status=AgentStatus.SUCCEEDED if done else AgentStatus.RUNNING,
             context=commit.context, attempts=0, crashes=0, error=None,
-            lease_owner=None, lease_until=None, updated_at=now,
+            lease_owner=None, lease_until=None, updated_at=now, **park,
         )
         self.history[commit.agent_id].append(HistoryRecord(
             commit.agent_id, commit.step + 1, commit.from_node, commit.to_node,
             commit.attempts, commit.duration, now,
         ))
-        if not done:
+        if not done and not self.agents[commit.agent_id].parked:
             key = (commit.agent_id, commit.step + 1)
             self.outbox[key] = OutboxEntry(commit.agent_id, commit.step + 1, now)
+        if done:
+            self._branch_ended(commit.agent_id)
+        return True
+
+    def _create_branch(self, parent: AgentRecord, step: int, index: int, branch: Branch,
+                       now: float, version: str | None) -> None:
+        agent_id = branch_id(parent.agent_id, step, index)
+        self.agents[agent_id] = AgentRecord(
+            agent_id=agent_id, node=branch.node, step=0, status=AgentStatus.RUNNING,
+            context=copy.deepcopy(branch.context), start_node=branch.node,
+            initial_context=copy.deepcopy(branch.context), created_at=now, updated_at=now,
+            pool=parent.pool, parent_id=parent.agent_id, graph_version=version)
+        self.history[agent_id] = []
+        self.outbox[(agent_id, 0)] = OutboxEntry(agent_id, 0, now)
+
+    def _result(self, agent_id: str) -> dict[str, Any]:
+        rec = self.agents[agent_id]
+        return {"agent_id": agent_id, "status": rec.status.value, "node": rec.node,
+                "context": copy.deepcopy(rec.context), "error": rec.error}
+
+    def _branch_ended(self, agent_id: str) -> None:
+        """Count an ended branch down at its parent's join (fail fast: fail the parent)."""
+        rec = self.agents[agent_id]
+        parent = self.agents.get(rec.parent_id or "")
+        if parent is None or parent.status is not AgentStatus.RUNNING or parent.joining is None:
+            return
+        step, _, policy = self.joins[parent.agent_id]
+        if parent.step != step or not agent_id.startswith(f"{parent.agent_id}/{step}/"):
+            return
+        now = self.clock()
+        if rec.status is not AgentStatus.SUCCEEDED and policy == "fail_fast":
+            self.agents[parent.agent_id] = replace(
+                parent, status=AgentStatus.FAILED, joining=None, updated_at=now,
+                error=f"branch {agent_id!r} {rec.status.value}: {rec.error}")
+            for other in list(self.agents.values()):
+                if other.parent_id == parent.agent_id and other.status is AgentStatus.RUNNING:
+                    self._cancel(other, SIBLING_FAILED)
+            return
+        left = parent.joining - 1
+        self.agents[parent.agent_id] = replace(
+            parent, joining=left or None, wake_at=now if not left else None, updated_at=now)
+
+    def _cancel(self, rec: AgentRecord, reason: str) -> None:
+        """Cancel a running agent and its running branches, then count it ended."""
+        self.agents[rec.agent_id] = replace(
+            rec, status=AgentStatus.CANCELLED, error=reason, lease_owner=None,
+            lease_until=None, wake_at=None, waiting=None, joining=None, updated_at=self.clock())
+        self.timeout_nodes.pop(rec.agent_id, None)
+        for child in list(self.agents.values()):
+            if child.parent_id == rec.agent_id and child.status is AgentStatus.RUNNING:
+                self._cancel(child, PARENT_CANCELLED)
+        self._branch_ended(rec.agent_id)
+
+    def _kept(self, agent_id: str, name: str) -> _Signal | None:
+        """The oldest signal of ``name`` kept for the agent and not consumed yet."""
+        kept = [s for s in self.signals.get(agent_id, {}).values()
+                if s.name == name and s.consumed_step is None]
+        return min(kept, key=lambda s: (s.created_at, s.signal_id), default=None)
+
+    @override
+    async def wake_due(self, pool: str, limit: int) -> list[OutboxEntry]:
+        now = self.clock()
+        due = sorted((r for r in self.agents.values()
+                      if r.pool == pool and r.status is AgentStatus.RUNNING
+                      and r.wake_at is not None and r.wake_at <= now),
+                     key=lambda r: r.wake_at or 0.0)[:limit]
+        woken = []
+        for rec in due:
+            if rec.waiting is not None:  # the wait ran out: move on to the timeout node
+                to = self.timeout_nodes.get(rec.agent_id) or rec.node
+                self.history[rec.agent_id].append(HistoryRecord(
+                    rec.agent_id, rec.step + 1, rec.node, to, 0, 0.0, now, "timeout"))
+                rec = replace(rec, node=to, step=rec.step + 1, payload=None, attempts=0)
+            self.agents[rec.agent_id] = replace(rec, wake_at=None, waiting=None, updated_at=now)
+            self.timeout_nodes.pop(rec.agent_id, None)
+            entry = OutboxEntry(rec.agent_id, rec.step, now)
+            self.outbox[(rec.agent_id, rec.step)] = entry
+            woken.append(entry)
+        return woken
+
+    @override
+    async def signal_agent(self, agent_id: str, name: str, signal_id: str,
+                           payload: Any) -> SignalOutcome:
+        rec = self.agents.get(agent_id)
+        if rec is None or not rec.start_node:
+            return SignalOutcome.MISSING
+        if rec.status is not AgentStatus.RUNNING:
+            return SignalOutcome.FINAL
+        signals = self.signals.setdefault(agent_id, {})
+        if signal_id in signals:
+            return SignalOutcome.DUPLICATE
+        now = self.clock()
+        signals[signal_id] = signal = _Signal(signal_id, name, copy.deepcopy(payload), now)
+        if rec.waiting != name:
+            return SignalOutcome.KEPT
+        signal.consumed_step = rec.step
+        self.agents[agent_id] = replace(rec, payload=copy.deepcopy(payload), waiting=None,
+                                        wake_at=now, updated_at=now)
+        self.timeout_nodes.pop(agent_id, None)
+        return SignalOutcome.DELIVERED
+
+    @override
+    async def resume_agent(self, agent_id: str, node: str, context: dict[str, Any],
+                           pool: str = "default") -> bool:
+        rec = self.agents.get(agent_id)
+        if (rec is None or rec.pool != pool or not rec.start_node
+                or rec.status not in (AgentStatus.FAILED, AgentStatus.CANCELLED)):
+            return False
+        now = self.clock()
+        step = rec.step + 1
+        self.agents[agent_id] = replace(
+            rec, status=AgentStatus.RUNNING, node=node, step=step, context=copy.deepcopy(context),
+            payload=None, error=None, attempts=0, crashes=0, lease_owner=None, lease_until=None,
+            wake_at=None, waiting=None, updated_at=now)
+        self.republished.pop(agent_id, None)
+        self.history[agent_id].append(HistoryRecord(agent_id, step, rec.node, node, 0, 0.0, now,
+                                                    "resume"))
+        self.outbox[(agent_id, step)] = OutboxEntry(agent_id, step, now)
         return True
 
     @override
@@ -159,6 +318,8 @@ class InMemoryPersistence(Persistence):
             lease_until=None if failure.final else now + failure.retry_in,
             status=AgentStatus.FAILED if failure.final else AgentStatus.RUNNING, updated_at=now,
         )
+        if failure.final:
+            self._branch_ended(failure.agent_id)
         return True
 
     @override
@@ -181,10 +342,7 @@ class InMemoryPersistence(Persistence):
             return True
         if rec.status is not AgentStatus.RUNNING:
             return False
-        self.agents[agent_id] = replace(
-            rec, status=AgentStatus.CANCELLED, error=reason, lease_owner=None,
-            lease_until=None, updated_at=self.clock(),
-        )
+        self._cancel(rec, reason)
         return True
 
     @override
@@ -219,7 +377,7 @@ class InMemoryPersistence(Persistence):
         found = sorted((
             r for r in self.agents.values()
             if r.status is AgentStatus.RUNNING and (pool is None or r.pool == pool)
-            and (r.lease_until is None or r.lease_until <= now)
+            and not r.parked and (r.lease_until is None or r.lease_until <= now)
             and max(r.updated_at, self.republished.get(r.agent_id, 0.0)) <= cutoff
         ), key=lambda r: r.updated_at)[:limit]
         for r in found:
@@ -332,7 +490,7 @@ class InMemoryEventBus(EventBus):
             self._watch(min(d.expires for d in self._inflight))
 
     @override
-    async def publish(self, message: StepEvent | TriggerCommand | CancelCommand) -> None:
+    async def publish(self, message: AnyMessage) -> None:
         now = time.monotonic()
         while self._seen_order and now - self._seen_order[0][0] >= self.dedup_window:
             at, old = self._seen_order.popleft()

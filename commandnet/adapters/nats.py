@@ -81,7 +81,7 @@ from typing_extensions import override
 
 from ..bus import Delivery, EventBus, Handler
 from ..errors import CommandNetError
-from ..messages import CancelCommand, StepEvent, TriggerCommand, encode
+from ..messages import AnyMessage, StepEvent, encode
 from ..tracing import TRACE_HEADERS
 from ..tracing import active as _tracing_active
 from .connection import NatsAuth, server_address, split_nats_servers
@@ -486,12 +486,12 @@ class JetStreamBus(EventBus):
 
     # ---------------------------------------------------------------- publish
 
-    def subject_for(self, message: StepEvent | TriggerCommand | CancelCommand) -> str:
+    def subject_for(self, message: AnyMessage) -> str:
         """Step events go to the pool's ``.events``, commands to its ``.commands``."""
         return self.events_subject if isinstance(message, StepEvent) else self.commands_subject
 
     @override
-    async def publish(self, message: StepEvent | TriggerCommand | CancelCommand) -> bool | None:
+    async def publish(self, message: AnyMessage) -> bool | None:
         if (isinstance(message, StepEvent) and message.step > 0 and not message.redo
                 and self._handler is not None and not self._stopping
                 and len(self._local) < self.local_handoff and _HANDLING.get()):

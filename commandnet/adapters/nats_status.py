@@ -100,6 +100,8 @@ _REASONS = (
     ("InvalidContext", re.compile(r"(initial context of|stored context at node|context returned "
                                   r"by node) .* does not validate as \w+: ")),
     ("InvalidContext", re.compile(r"agent .*: the context for node .* cannot be stored in ")),
+    ("InvalidPayload", re.compile(r"payload of node '.*' does not validate as ")),
+    ("NodeRemoved", re.compile(r"node '.*' was removed: agent ")),
     ("WorkerDied", re.compile(r"worker died during the step ")),
     ("InvalidTransition", re.compile(r"node '.*' returned .*, which its return hint does not "
                                      r"declare")),
@@ -110,8 +112,8 @@ _REASONS = (
 def failure_reason(status: str, error: str | None) -> str | None:
     """Why an agent ended, in CamelCase (for the Agent CR's conditions): None while running or
     succeeded; ``Cancelled``; for ``failed``: ``UnknownNode``, ``InvalidContext``,
-    ``WorkerDied``, ``InvalidTransition``, ``NodeTimeout``, else ``NodeFailed`` (the node raised,
-    or anything else)."""
+    ``InvalidPayload``, ``NodeRemoved``, ``WorkerDied``, ``InvalidTransition``, ``NodeTimeout``,
+    else ``NodeFailed`` (the node raised, or anything else)."""
     if status == "cancelled":
         return "Cancelled"
     if status != "failed":

@@ -2,18 +2,22 @@
 
 Each method is ONE statement sent as one round trip on a pooled connection that is returned at
 once (no connection is held while a node runs); statements are prepared once per connection and
-cached by asyncpg. Multi-table changes (create, commit) are single statements with
-data-modifying CTEs, so they are atomic without an explicit transaction. Times come from the
-database clock (``now()``) and are returned as epoch seconds. Connection errors propagate: the
-engine nacks the message and the bus redelivers it later.
+cached by asyncpg. Multi-table changes (create, commit, wake, resume) are single statements with
+data-modifying CTEs, so they are atomic without an explicit transaction. The two exceptions
+serialise on the agent's row: a signal, and a commit that starts a signal wait, each lock the row
+first and read the signals in a later statement of the same transaction (one statement would read
+them in a snapshot taken before its lock wait, and could miss a signal: a lost wake-up). Times
+come from the database clock (``now()``) and are returned as epoch seconds. Connection errors
+propagate: the engine nacks the message and the bus redelivers it later.
 
-Only what must survive a crash waits for the WAL flush: creating, committing, failing and
-cancelling agents. Leases (take, extend, release) and outbox clean-up run on a second pool whose
-sessions have ``synchronous_commit = off``: they are visible to every worker at once, and a crash
-of the database may forget only the last few of them, which the protocol already tolerates (a
-forgotten lease is a lease that expired, and a commit fenced by it fails because the crash
-dropped its connection; a forgotten outbox delete is re-published by the sweeper and dropped as
-a duplicate or stale event). A transition therefore costs one durable flush, not three.
+Only what must survive a crash waits for the WAL flush: creating, committing, failing,
+cancelling, waking, signalling and resuming agents. Leases (take, extend, release) and outbox
+clean-up run on a second pool whose sessions have ``synchronous_commit = off``: they are visible
+to every worker at once, and a crash of the database may forget only the last few of them, which
+the protocol already tolerates (a forgotten lease is a lease that expired, and a commit fenced
+by it fails because the crash dropped its connection; a forgotten outbox delete is re-published
+by the sweeper and dropped as a duplicate or stale event). A transition therefore costs one
+durable flush, not three.
 
 Schema migrations are numbered files in ``sql/postgres/``, applied by :meth:`setup` (or
 ``commandnet migrate``) under an advisory lock, recorded in ``schema_migrations``.
@@ -32,7 +36,7 @@ from typing import Any
 import asyncpg  # type: ignore[import-untyped]
 from typing_extensions import override
 
-from ..errors import CommandNetError, ContextValidationError, TriggerConflictError
+from ..errors import CommandNetError, ContextValidationError
 from ..persistence import Persistence
 from ..records import (
     AgentRecord,
@@ -44,8 +48,12 @@ from ..records import (
     LeaseState,
     NewAgent,
     OutboxEntry,
+    SignalOutcome,
     SweepClaim,
+    branch_id,
 )
+from ..workflow.records import PARENT_CANCELLED, SIBLING_FAILED
+from .conflict import trigger_conflict
 
 # pg_advisory_xact_lock key for migrations: "cmdnet" in ASCII, shared by every commandnet worker.
 MIGRATION_LOCK = 0x636D646E6574
@@ -56,12 +64,30 @@ def _epoch(column: str) -> str:
     return f"extract(epoch FROM {column})::float8"
 
 
-_RECORD = (
-    "agent_id, node, step, status, context, start_node, initial_context, attempts, error, "
-    f"lease_owner, {_epoch('lease_until')} AS lease_until, {_epoch('created_at')} AS created_at, "
-    f"{_epoch('updated_at')} AS updated_at, pool, crashes"
-)
+def _columns(payload: str = "payload") -> str:
+    """The columns of an AgentRecord; ``payload``: the expression that gives the payload."""
+    return (
+        "agent_id, node, step, status, context, start_node, initial_context, attempts, error, "
+        f"lease_owner, {_epoch('lease_until')} AS lease_until, "
+        f"{_epoch('created_at')} AS created_at, {_epoch('updated_at')} AS updated_at, pool, "
+        f"crashes, {payload}, {_epoch('wake_at')} AS wake_at, waiting_signal AS waiting, "
+        "parent_id, joining, graph_version")
+
+
+_RECORD = _columns()
+# A NULL for each column of _RECORD (typed where a UNION needs it), for rows without a record.
+_NO_RECORD = ", ".join(["NULL"] * 4 + ["NULL::jsonb", "NULL", "NULL::jsonb"] + ["NULL"] * 8
+                       + ["NULL::jsonb", "NULL::float8", "NULL::text", "NULL::text",
+                          "NULL::integer", "NULL::text"])
 _FENCE = "agent_id = $1 AND step = $2 AND status = 'running' AND lease_owner = $3"
+_PARKED = "(wake_at IS NOT NULL OR waiting_signal IS NOT NULL OR joining IS NOT NULL)"
+# At a fan-out's join step, the payload is the branches' results in branch order.
+_JOIN_PAYLOAD = """CASE WHEN agents.join_step = agents.step THEN (
+    SELECT coalesce(jsonb_agg(jsonb_build_object('agent_id', b.agent_id, 'status', b.status,
+        'node', b.node, 'context', b.context, 'error', b.error) ORDER BY b.branch_index),
+        '[]'::jsonb)
+    FROM agents b WHERE b.parent_id = agents.agent_id AND b.parent_step = agents.step)
+    ELSE agents.payload END AS payload"""
 
 # One row: (true, NULL, NULL) when created, or (false, start_node, initial_context). No row
 # means a concurrent trigger of the same id was not yet visible to this statement's snapshot.
@@ -69,8 +95,8 @@ _FENCE = "agent_id = $1 AND step = $2 AND status = 'running' AND lease_owner = $
 SQL_CREATE = """
 WITH ins AS (
     INSERT INTO agents (agent_id, node, step, status, context, start_node, initial_context,
-                        error, created_at, updated_at, pool)
-    VALUES ($1, $2, 0, $3, $4::jsonb, $2, $4::jsonb, $5, now(), now(), $6)
+                        error, created_at, updated_at, pool, payload, graph_version)
+    VALUES ($1, $2, 0, $3, $4::jsonb, $2, $4::jsonb, $5, now(), now(), $6, $7::jsonb, $8)
     ON CONFLICT (agent_id) DO UPDATE SET node = $2, start_node = $2, context = $4::jsonb,
         initial_context = $4::jsonb
     WHERE agents.start_node = ''
@@ -88,7 +114,7 @@ SQL_EXISTING = "SELECT start_node, initial_context FROM agents WHERE agent_id = 
 
 # The lease: one conditional UPDATE; when it matches nothing, the same statement classifies why
 # from the row as it stood at the statement's start (a concurrent change shows as BUSY, and the
-# redelivery then sees the truth).
+# redelivery then sees the truth). A parked agent's step is STALE: wake_due publishes it again.
 SQL_LEASE = f"""
 WITH granted AS (
     UPDATE agents SET lease_owner = $3, lease_until = now() + $4::float8 * interval '1 second',
@@ -96,16 +122,17 @@ WITH granted AS (
         crashes = crashes + (lease_owner IS NOT NULL)::int,
         lease_alone = $6 AND (crashes > 0 OR lease_owner IS NOT NULL)
     WHERE agent_id = $1 AND step = $2 AND status = 'running' AND pool = $5
-      AND (lease_until IS NULL OR lease_until <= now())
-    RETURNING {_RECORD}
+      AND (lease_until IS NULL OR lease_until <= now()) AND NOT {_PARKED}
+    RETURNING {_columns(_JOIN_PAYLOAD)}
 )
 SELECT 'granted' AS state, 0.0::float8 AS retry_after, granted.* FROM granted
 UNION ALL
 SELECT CASE WHEN a.pool <> $5 THEN 'foreign'
-            WHEN a.status <> 'running' OR a.step <> $2 THEN 'stale' ELSE 'busy' END,
+            WHEN a.status <> 'running' OR a.step <> $2 OR a.wake_at IS NOT NULL
+                 OR a.waiting_signal IS NOT NULL OR a.joining IS NOT NULL THEN 'stale'
+            ELSE 'busy' END,
        greatest(coalesce({_epoch('a.lease_until - now()')}, 0.0), 0.0),
-       NULL, NULL, NULL, NULL, NULL::jsonb, NULL, NULL::jsonb, NULL, NULL, NULL, NULL, NULL, NULL,
-       NULL, NULL
+       {_NO_RECORD}
 FROM agents a
 WHERE a.agent_id = $1 AND NOT EXISTS (SELECT 1 FROM granted)
 """
@@ -115,37 +142,141 @@ UPDATE agents SET lease_until = now() + $4::float8 * interval '1 second'
 WHERE {_FENCE} RETURNING true
 """
 
+# A branch that ended in this statement (CTE ``ended``: agent_id, status, error, parent_id,
+# parent_step) counts down its parent's join if the parent still waits there; at 0 the parent
+# is due (wake_due writes its event). Fail fast: a branch that did not succeed fails the parent,
+# naming it; the caller then cancels the siblings in a statement of its own (SQL_CANCEL_CHILDREN:
+# taking their locks here, after the parent's, could deadlock with a sibling's commit, which
+# locks itself, then the parent). The parent's row lock serialises concurrent countdowns.
+_FAIL_FAST = "(e.status <> 'succeeded' AND p.join_policy = 'fail_fast')"
+_JOIN_COUNTDOWN = f"""
+parent AS (
+    UPDATE agents p SET
+        status = CASE WHEN {_FAIL_FAST} THEN 'failed' ELSE 'running' END,
+        error = CASE WHEN {_FAIL_FAST} THEN format('branch %L %s: %s', e.agent_id, e.status,
+                                                   e.error) ELSE p.error END,
+        joining = CASE WHEN NOT {_FAIL_FAST} AND p.joining > 1 THEN p.joining - 1 END,
+        wake_at = CASE WHEN NOT {_FAIL_FAST} AND p.joining <= 1 THEN now() END,
+        updated_at = now()
+    FROM ended e
+    WHERE e.status <> 'running' AND e.parent_id IS NOT NULL AND p.agent_id = e.parent_id
+      AND p.status = 'running' AND p.joining IS NOT NULL AND p.join_step = e.parent_step
+      AND p.step = e.parent_step
+    RETURNING p.agent_id, p.status
+)"""
+# What a statement ending an agent returns besides its own count: the parent it failed.
+_FAILED_PARENT = "(SELECT agent_id FROM parent WHERE status = 'failed') AS failed_parent"
+
 # The transition: fenced UPDATE, history row, (unless final) the next step's outbox event and
 # the end of this step's own outbox row (left in place when the bus handed the step over
 # locally instead of publishing it; usually gone already), one statement, hence one
-# transaction and one round trip.
+# transaction and one round trip. A timer ($10: wake in seconds) parks the agent instead of
+# writing the event: wake_due writes it when the time has come.
 SQL_COMMIT = f"""
 WITH moved AS (
     UPDATE agents SET
         node = coalesce($5::text, node), step = $2 + 1,
         status = CASE WHEN $5::text IS NULL THEN 'succeeded' ELSE 'running' END,
-        context = $6::jsonb, attempts = 0, crashes = 0, error = NULL, lease_owner = NULL,
-        lease_until = NULL, updated_at = now()
+        context = $6::jsonb, payload = $9::jsonb, attempts = 0, crashes = 0, error = NULL,
+        lease_owner = NULL, lease_until = NULL, updated_at = now(),
+        wake_at = CASE WHEN $5::text IS NOT NULL
+                       THEN now() + $10::float8 * interval '1 second' END,
+        graph_version = coalesce($11::text, graph_version)
     WHERE {_FENCE}
-    RETURNING agent_id
+    RETURNING agent_id, status, error, parent_id, parent_step
+), ended AS (
+    SELECT * FROM moved
 ), hist AS (
     INSERT INTO history (agent_id, step, from_node, to_node, attempts, duration, at)
     SELECT agent_id, $2 + 1, $4, $5::text, $7, $8, now() FROM moved
 ), event AS (
     INSERT INTO outbox (agent_id, step, created_at)
-    SELECT agent_id, $2 + 1, now() FROM moved WHERE $5::text IS NOT NULL
+    SELECT agent_id, $2 + 1, now() FROM moved WHERE $5::text IS NOT NULL AND $10::float8 IS NULL
+), done AS (
+    DELETE FROM outbox o USING moved WHERE o.agent_id = moved.agent_id AND o.step = $2
+), {_JOIN_COUNTDOWN}
+SELECT (SELECT count(*) FROM moved) AS moved, {_FAILED_PARENT}
+"""
+
+# The end of a transition that parks the agent (a wait, a fan-out): its history row and the
+# end of this step's own outbox row; the event is wake_due's to write.
+_PARKING_TAIL = """hist AS (
+    INSERT INTO history (agent_id, step, from_node, to_node, attempts, duration, at)
+    SELECT agent_id, $2 + 1, $4, $5, $7, $8, now() FROM moved
 ), done AS (
     DELETE FROM outbox o USING moved WHERE o.agent_id = moved.agent_id AND o.step = $2
 )
-SELECT count(*) FROM moved
+SELECT count(*) FROM moved"""
+
+# A transition that fans out ($10: a JSON array of {id, node, context}, joined by policy
+# $11): the parent parks at its join ($5) counting its branches (none: due at once), and each
+# branch is created as a running agent of the same pool with its step 0 event.
+SQL_COMMIT_FANOUT = f"""
+WITH moved AS (
+    UPDATE agents SET node = $5, step = $2 + 1, status = 'running', context = $6::jsonb,
+        payload = $9::jsonb, attempts = 0, crashes = 0, error = NULL, lease_owner = NULL,
+        lease_until = NULL, updated_at = now(),
+        joining = nullif(jsonb_array_length($10::jsonb), 0),
+        wake_at = CASE WHEN jsonb_array_length($10::jsonb) = 0 THEN now() END,
+        join_step = $2 + 1, join_size = jsonb_array_length($10::jsonb), join_policy = $11,
+        graph_version = coalesce($12::text, graph_version)
+    WHERE {_FENCE}
+    RETURNING agent_id, pool, graph_version
+), branches AS (
+    INSERT INTO agents (agent_id, node, step, status, context, start_node, initial_context,
+                        created_at, updated_at, pool, parent_id, parent_step, branch_index,
+                        graph_version)
+    SELECT b.item->>'id', b.item->>'node', 0, 'running', b.item->'context', b.item->>'node',
+           b.item->'context', now(), now(), moved.pool, moved.agent_id, $2 + 1, b.i - 1,
+           moved.graph_version
+    FROM moved, jsonb_array_elements($10::jsonb) WITH ORDINALITY AS b (item, i)
+    RETURNING agent_id
+), events AS (
+    INSERT INTO outbox (agent_id, step, created_at) SELECT agent_id, 0, now() FROM branches
+), {_PARKING_TAIL}
+"""
+
+# A transition that waits for a signal ($11, until $10 seconds if not NULL, then $12), run in
+# a transaction after SQL_LOCK_FENCED has locked the agent's row: this statement's snapshot is
+# taken after the lock, so it sees every signal committed before (signal_agent locks the row
+# too). The oldest kept signal of the name is consumed at once, making the agent due now with
+# its payload; otherwise the agent parks. No event either way: wake_due writes it.
+SQL_LOCK_FENCED = f"SELECT true FROM agents WHERE {_FENCE} FOR UPDATE"
+SQL_COMMIT_WAIT = f"""
+WITH sig AS (
+    SELECT signal_id, payload FROM signals
+    WHERE agent_id = $1 AND name = $11 AND consumed_step IS NULL
+    ORDER BY created_at, signal_id LIMIT 1
+), used AS (
+    UPDATE signals s SET consumed_step = $2 + 1 FROM sig
+    WHERE s.agent_id = $1 AND s.signal_id = sig.signal_id
+), moved AS (
+    UPDATE agents SET
+        node = $5, step = $2 + 1, status = 'running', context = $6::jsonb,
+        payload = CASE WHEN sig.signal_id IS NULL THEN $9::jsonb ELSE sig.payload END,
+        attempts = 0, crashes = 0, error = NULL, lease_owner = NULL, lease_until = NULL,
+        updated_at = now(),
+        waiting_signal = CASE WHEN sig.signal_id IS NULL THEN $11 END,
+        timeout_node = CASE WHEN sig.signal_id IS NULL THEN $12::text END,
+        wake_at = CASE WHEN sig.signal_id IS NULL
+                       THEN now() + $10::float8 * interval '1 second' ELSE now() END,
+        graph_version = coalesce($13::text, graph_version)
+    FROM (VALUES (true)) AS one (x) LEFT JOIN sig ON true
+    WHERE {_FENCE}
+    RETURNING agent_id
+), {_PARKING_TAIL}
 """
 
 SQL_FAILURE = f"""
-UPDATE agents SET
-    attempts = $4, error = $5, lease_owner = NULL,
-    lease_until = CASE WHEN $6 THEN NULL ELSE now() + $7::float8 * interval '1 second' END,
-    status = CASE WHEN $6 THEN 'failed' ELSE 'running' END, updated_at = now()
-WHERE {_FENCE} RETURNING true
+WITH ended AS (
+    UPDATE agents SET
+        attempts = $4, error = $5, lease_owner = NULL,
+        lease_until = CASE WHEN $6 THEN NULL ELSE now() + $7::float8 * interval '1 second' END,
+        status = CASE WHEN $6 THEN 'failed' ELSE 'running' END, updated_at = now()
+    WHERE {_FENCE}
+    RETURNING agent_id, status, error, parent_id, parent_step
+), {_JOIN_COUNTDOWN}
+SELECT (SELECT count(*) FROM ended) AS moved, {_FAILED_PARENT}
 """
 
 SQL_RELEASE = f"""
@@ -153,21 +284,121 @@ UPDATE agents SET lease_owner = NULL, lease_until = NULL, attempts = greatest(at
 WHERE {_FENCE}
 """
 
-# A running agent is cancelled; an unknown id gets a tombstone its trigger will respect.
-SQL_CANCEL = """
-INSERT INTO agents (agent_id, node, step, status, context, start_node, initial_context, error,
-                    created_at, updated_at, pool)
-VALUES ($1, '', 0, 'cancelled', '{}'::jsonb, '', '{}'::jsonb, $2, now(), now(), $3)
-ON CONFLICT (agent_id) DO UPDATE SET status = 'cancelled', error = $2, lease_owner = NULL,
-    lease_until = NULL, updated_at = now()
-WHERE agents.status = 'running'
-RETURNING true
+# A running agent is cancelled (a branch counts down its parent's join); an unknown id gets a
+# tombstone its trigger will respect. The caller then cancels its branches (SQL_CANCEL_CHILDREN).
+SQL_CANCEL = f"""
+WITH ended AS (
+    INSERT INTO agents (agent_id, node, step, status, context, start_node, initial_context,
+                        error, created_at, updated_at, pool)
+    VALUES ($1, '', 0, 'cancelled', '{{}}'::jsonb, '', '{{}}'::jsonb, $2, now(), now(), $3)
+    ON CONFLICT (agent_id) DO UPDATE SET status = 'cancelled', error = $2, lease_owner = NULL,
+        lease_until = NULL, wake_at = NULL, waiting_signal = NULL, timeout_node = NULL,
+        joining = NULL, updated_at = now()
+    WHERE agents.status = 'running'
+    RETURNING agent_id, status, error, parent_id, parent_step
+), {_JOIN_COUNTDOWN}
+SELECT (SELECT count(*) FROM ended) AS moved, {_FAILED_PARENT}
+"""
+
+# The running children of the agents $1 whose parent has ended (failed or cancelled) are
+# cancelled with reason $2; the caller repeats with the ids returned, one generation a
+# statement (a statement never holds a child's lock while it waits for its parent's, the order
+# a commit takes them in, so there is no deadlock).
+SQL_CANCEL_CHILDREN = """
+UPDATE agents c SET status = 'cancelled', error = $2, lease_owner = NULL, lease_until = NULL,
+    wake_at = NULL, waiting_signal = NULL, timeout_node = NULL, joining = NULL,
+    updated_at = now()
+FROM agents p
+WHERE c.parent_id = ANY($1::text[]) AND c.status = 'running' AND p.agent_id = c.parent_id
+  AND p.status IN ('failed', 'cancelled')
+RETURNING c.agent_id
+"""
+
+# A signal, in a transaction after SQL_SIGNAL_LOCK has locked the agent's row (so a commit
+# that starts a wait either saw the signal or is seen waiting here). $5: the step that
+# consumes it when the agent waits for the name, else NULL (the signal is kept).
+SQL_SIGNAL_LOCK = """
+SELECT status, step, waiting_signal, start_node FROM agents WHERE agent_id = $1 FOR UPDATE
+"""
+SQL_SIGNAL = """
+WITH ins AS (
+    INSERT INTO signals (agent_id, signal_id, name, payload, created_at, consumed_step)
+    VALUES ($1, $3, $2, $4::jsonb, now(), $5)
+    ON CONFLICT (agent_id, signal_id) DO NOTHING
+    RETURNING consumed_step
+), delivered AS (
+    UPDATE agents SET payload = $4::jsonb, waiting_signal = NULL, timeout_node = NULL,
+        wake_at = now(), updated_at = now()
+    WHERE agent_id = $1 AND EXISTS (SELECT 1 FROM ins WHERE consumed_step IS NOT NULL)
+)
+SELECT count(*) FROM ins
+"""
+
+# Due parked agents of pool $1 (at most $2, oldest first; rows another worker is waking are
+# skipped): a signal wait that ran out moves to its timeout node (none: it stays on its node) at
+# the next step (a timeout history row); every one is unparked and its step event written to
+# the outbox.
+SQL_WAKE = f"""
+WITH due AS (
+    SELECT agent_id, node, wake_at, waiting_signal IS NOT NULL AS timed_out,
+           coalesce(nullif(timeout_node, ''), node) AS timeout_node
+    FROM agents
+    WHERE pool = $1 AND wake_at IS NOT NULL AND wake_at <= now() AND status = 'running'
+    ORDER BY wake_at LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), woke AS (
+    UPDATE agents a SET
+        node = CASE WHEN due.timed_out THEN due.timeout_node ELSE a.node END,
+        step = a.step + due.timed_out::int,
+        payload = CASE WHEN due.timed_out THEN NULL ELSE a.payload END,
+        attempts = CASE WHEN due.timed_out THEN 0 ELSE a.attempts END,
+        wake_at = NULL, waiting_signal = NULL, timeout_node = NULL, updated_at = now()
+    FROM due WHERE a.agent_id = due.agent_id
+    RETURNING a.agent_id, a.step, due.node AS from_node, a.node AS to_node, due.timed_out,
+              due.wake_at
+), hist AS (
+    INSERT INTO history (agent_id, step, from_node, to_node, attempts, duration, at, kind)
+    SELECT agent_id, step, from_node, to_node, 0, 0.0, now(), 'timeout' FROM woke
+    WHERE timed_out
+), event AS (
+    INSERT INTO outbox (agent_id, step, created_at)
+    SELECT agent_id, step, now() FROM woke
+    ON CONFLICT (agent_id, step) DO NOTHING
+)
+SELECT agent_id, step, {_epoch('now()')} AS created_at FROM woke ORDER BY wake_at, agent_id
+"""
+
+# A failed or cancelled agent (not a cancel tombstone) of pool $4 runs again from node $2 with
+# context $3 at the next step: a resume history row and the step's event. The locking CTE
+# reads the row as it is once locked (the node it leaves).
+SQL_RESUME = """
+WITH old AS (
+    SELECT agent_id, node, step FROM agents
+    WHERE agent_id = $1 AND status IN ('failed', 'cancelled') AND pool = $4
+      AND start_node <> ''
+    FOR UPDATE
+), moved AS (
+    UPDATE agents a SET status = 'running', node = $2, step = old.step + 1, context = $3::jsonb,
+        payload = NULL, error = NULL, attempts = 0, crashes = 0, lease_owner = NULL,
+        lease_until = NULL, lease_alone = false, wake_at = NULL, waiting_signal = NULL,
+        timeout_node = NULL, joining = NULL, republished_at = NULL, updated_at = now()
+    FROM old WHERE a.agent_id = old.agent_id
+    RETURNING a.agent_id, a.step, old.node AS from_node
+), hist AS (
+    INSERT INTO history (agent_id, step, from_node, to_node, attempts, duration, at, kind)
+    SELECT agent_id, step, from_node, $2, 0, 0.0, now(), 'resume' FROM moved
+), event AS (
+    INSERT INTO outbox (agent_id, step, created_at)
+    SELECT agent_id, step, now() FROM moved
+    ON CONFLICT (agent_id, step) DO NOTHING
+)
+SELECT count(*) FROM moved
 """
 
 SQL_GET = f"SELECT {_RECORD} FROM agents WHERE agent_id = $1"
 
 SQL_HISTORY = f"""
-SELECT agent_id, step, from_node, to_node, attempts, duration, {_epoch('at')} AS at
+SELECT agent_id, step, from_node, to_node, attempts, duration, {_epoch('at')} AS at, kind
 FROM history WHERE agent_id = $1 ORDER BY step
 """
 
@@ -187,7 +418,7 @@ DELETE FROM outbox WHERE (agent_id, step) IN (SELECT * FROM unnest($1::text[], $
 SQL_STALLED = f"""
 WITH found AS (
     SELECT agent_id FROM agents
-    WHERE status = 'running' AND {{pool}}
+    WHERE status = 'running' AND {{pool}} AND NOT {_PARKED}
       AND (lease_until IS NULL OR lease_until <= now())
       AND updated_at <= now() - $1::float8 * interval '1 second'
       AND (republished_at IS NULL OR republished_at <= now() - $1::float8 * interval '1 second')
@@ -356,6 +587,8 @@ def _record(row: asyncpg.Record) -> AgentRecord:
         attempts=row["attempts"], error=row["error"], lease_owner=row["lease_owner"],
         lease_until=row["lease_until"], created_at=row["created_at"],
         updated_at=row["updated_at"], pool=row["pool"], crashes=row["crashes"],
+        payload=row["payload"], wake_at=row["wake_at"], waiting=row["waiting"],
+        parent_id=row["parent_id"], joining=row["joining"], graph_version=row["graph_version"],
     )
 
 
@@ -463,7 +696,7 @@ class PostgresPersistence(Persistence):
         try:
             row = await self.pool.fetchrow(SQL_CREATE, agent.agent_id, agent.start_node,
                                            agent.status.value, agent.context, agent.error,
-                                           agent.pool)
+                                           agent.pool, agent.payload, agent.graph_version)
         except asyncpg.DataError as exc:
             raise _unstorable(agent.agent_id, agent.start_node, exc) from exc
         if row is None:  # a concurrent trigger committed after our snapshot: read it now
@@ -475,7 +708,7 @@ class PostgresPersistence(Persistence):
             return True
         if row["start_node"] == agent.start_node and row["initial_context"] == agent.context:
             return False
-        raise TriggerConflictError.between(
+        raise trigger_conflict(
             agent.agent_id, (row["start_node"], row["initial_context"]),
             (agent.start_node, agent.context))
 
@@ -505,28 +738,106 @@ class PostgresPersistence(Persistence):
 
     @override
     async def save_state(self, commit: Commit) -> bool:
+        wake_in = None if commit.wake_in is None else float(commit.wake_in)
+        args = (commit.agent_id, commit.step, commit.owner, commit.from_node, commit.to_node,
+                commit.context, commit.attempts, float(commit.duration), commit.payload)
         try:
-            moved = await self.pool.fetchval(
-                SQL_COMMIT, commit.agent_id, commit.step, commit.owner, commit.from_node,
-                commit.to_node, commit.context, commit.attempts, float(commit.duration))
+            if commit.to_node is not None and commit.waiting is not None:
+                return bool(await self._commit_wait(commit, wake_in))
+            if commit.to_node is not None and wake_in is None and commit.branches is not None:
+                branches = [{"id": branch_id(commit.agent_id, commit.step + 1, i),
+                             "node": b.node, "context": b.context}
+                            for i, b in enumerate(commit.branches)]
+                return bool(await self.pool.fetchval(SQL_COMMIT_FANOUT, *args, branches,
+                                                     commit.join_policy, commit.graph_version))
+            row = await self.pool.fetchrow(SQL_COMMIT, *args, wake_in, commit.graph_version)
         except asyncpg.DataError as exc:
             raise _unstorable(commit.agent_id, commit.to_node or commit.from_node, exc) from exc
-        return bool(moved)
+        return await self._ended(row)
+
+    async def _ended(self, row: asyncpg.Record) -> bool:
+        """After a statement that may have ended an agent: when it failed its parent's join
+        (fail fast), cancel the parent's other branches. Whether the statement changed a row."""
+        if row["failed_parent"] is not None:
+            await self._cancel_children(row["failed_parent"], SIBLING_FAILED)
+        return bool(row["moved"])
+
+    async def _cancel_children(self, agent_id: str, reason: str) -> None:
+        """Cancel the running branches of the ended ``agent_id`` and theirs, one generation a
+        statement. A crash between generations leaves some running to their end (their parent
+        has ended: nothing waits for them); cancelling the agent again finishes the job."""
+        ids = [agent_id]
+        while ids:
+            rows = await self.pool.fetch(SQL_CANCEL_CHILDREN, ids, reason)
+            ids, reason = [r["agent_id"] for r in rows], PARENT_CANCELLED
+
+    async def _commit_wait(self, commit: Commit, wake_in: float | None) -> int:
+        # Lock first, then look for a kept signal in a statement of its own: in one statement
+        # the signal lookup would use a snapshot from before the lock wait and could miss a
+        # signal committed meanwhile (a lost wake-up).
+        async with self.pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval(SQL_LOCK_FENCED, commit.agent_id, commit.step,
+                                       commit.owner):
+                return 0
+            moved: int = await conn.fetchval(
+                SQL_COMMIT_WAIT, commit.agent_id, commit.step, commit.owner, commit.from_node,
+                commit.to_node, commit.context, commit.attempts, float(commit.duration),
+                commit.payload, wake_in, commit.waiting, commit.timeout_node,
+                commit.graph_version)
+            return moved
 
     @override
     async def record_failure(self, failure: Failure) -> bool:
-        done = await self.pool.fetchval(
+        return await self._ended(await self.pool.fetchrow(
             SQL_FAILURE, failure.agent_id, failure.step, failure.owner, failure.attempts,
-            failure.error, failure.final, float(failure.retry_in))
-        return bool(done)
+            failure.error, failure.final, float(failure.retry_in)))
 
     @override
     async def release_lease(self, agent_id: str, step: int, owner: str) -> None:
         await self.soft_pool.execute(SQL_RELEASE, agent_id, step, owner)
 
     @override
+    async def wake_due(self, pool: str, limit: int) -> list[OutboxEntry]:
+        rows = await self.pool.fetch(SQL_WAKE, pool, limit)
+        return [OutboxEntry(r["agent_id"], r["step"], r["created_at"]) for r in rows]
+
+    @override
+    async def signal_agent(self, agent_id: str, name: str, signal_id: str,
+                           payload: Any) -> SignalOutcome:
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                row = await conn.fetchrow(SQL_SIGNAL_LOCK, agent_id)
+                if row is None or not row["start_node"]:  # a cancel tombstone: no agent yet
+                    return SignalOutcome.MISSING
+                if row["status"] != AgentStatus.RUNNING.value:
+                    return SignalOutcome.FINAL
+                deliver = row["waiting_signal"] == name
+                stored = await conn.fetchval(SQL_SIGNAL, agent_id, name, signal_id, payload,
+                                             row["step"] if deliver else None)
+        except asyncpg.DataError as exc:
+            raise ContextValidationError(
+                f"agent {agent_id!r}: the payload of signal {name!r} cannot be stored in "
+                f"PostgreSQL jsonb ({' '.join(str(exc).split())}); NaN, Infinity and U+0000 "
+                "are not JSON") from exc
+        if not stored:
+            return SignalOutcome.DUPLICATE
+        return SignalOutcome.DELIVERED if deliver else SignalOutcome.KEPT
+
+    @override
+    async def resume_agent(self, agent_id: str, node: str, context: dict[str, Any],
+                           pool: str = "default") -> bool:
+        try:
+            moved = await self.pool.fetchval(SQL_RESUME, agent_id, node, context, pool)
+        except asyncpg.DataError as exc:
+            raise _unstorable(agent_id, node, exc) from exc
+        return bool(moved)
+
+    @override
     async def cancel_agent(self, agent_id: str, reason: str, pool: str = "default") -> bool:
-        return bool(await self.pool.fetchval(SQL_CANCEL, agent_id, reason, pool))
+        cancelled = await self._ended(await self.pool.fetchrow(SQL_CANCEL, agent_id, reason, pool))
+        # Also when it had ended already: a crash may have stopped an earlier cascade.
+        await self._cancel_children(agent_id, PARENT_CANCELLED)
+        return cancelled
 
     @override
     async def get_agent(self, agent_id: str) -> AgentRecord | None:
@@ -537,7 +848,7 @@ class PostgresPersistence(Persistence):
     async def get_history(self, agent_id: str) -> list[HistoryRecord]:
         rows = await self.pool.fetch(SQL_HISTORY, agent_id)
         return [HistoryRecord(r["agent_id"], r["step"], r["from_node"], r["to_node"],
-                              r["attempts"], r["duration"], r["at"]) for r in rows]
+                              r["attempts"], r["duration"], r["at"], r["kind"]) for r in rows]
 
     @override
     async def pending_outbox(

@@ -20,11 +20,12 @@ from typing import Any, Literal, TypeVar
 
 from typing_extensions import override
 
-from ..errors import CommandNetError, StoreUnavailableError, TriggerConflictError
+from ..errors import CommandNetError, StoreUnavailableError
 from ..persistence import Persistence
 from ..records import (
     AgentRecord,
     AgentStatus,
+    Branch,
     Commit,
     Failure,
     HistoryRecord,
@@ -32,11 +33,15 @@ from ..records import (
     LeaseState,
     NewAgent,
     OutboxEntry,
+    SignalOutcome,
     SweepClaim,
+    branch_id,
 )
+from ..workflow.records import PARENT_CANCELLED, SIBLING_FAILED
+from .conflict import trigger_conflict
 
 T = TypeVar("T")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 5
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS agents (
     agent_id        TEXT PRIMARY KEY,
@@ -86,9 +91,65 @@ CREATE TABLE sweeps (
     resynced_until REAL
 );
 """
+# Version 3: step payloads, parked agents (a timer or a signal wait), kept signals, history kinds.
+SCHEMA_3 = """
+ALTER TABLE agents ADD COLUMN payload TEXT;
+ALTER TABLE agents ADD COLUMN wake_at REAL;
+ALTER TABLE agents ADD COLUMN waiting TEXT;
+ALTER TABLE agents ADD COLUMN timeout_node TEXT;
+ALTER TABLE history ADD COLUMN kind TEXT NOT NULL DEFAULT 'step';
+CREATE INDEX IF NOT EXISTS agents_due ON agents (pool, wake_at) WHERE wake_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS signals (
+    agent_id      TEXT NOT NULL,
+    signal_id     TEXT NOT NULL,
+    name          TEXT NOT NULL,
+    payload       TEXT,
+    created_at    REAL NOT NULL,
+    consumed_step INTEGER,
+    PRIMARY KEY (agent_id, signal_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS signals_kept ON signals (agent_id, name, created_at)
+    WHERE consumed_step IS NULL;
+"""
+# Version 4: fan-out and join. A branch row names its parent, the step its fan-out moved the
+# parent to and its index; the parent records its join (step, number of branches, policy) and
+# ``joining``, the branches still running while it waits at the join.
+SCHEMA_4 = """
+ALTER TABLE agents ADD COLUMN parent_id TEXT;
+ALTER TABLE agents ADD COLUMN parent_step INTEGER;
+ALTER TABLE agents ADD COLUMN branch_index INTEGER;
+ALTER TABLE agents ADD COLUMN joining INTEGER;
+ALTER TABLE agents ADD COLUMN join_step INTEGER;
+ALTER TABLE agents ADD COLUMN join_size INTEGER;
+ALTER TABLE agents ADD COLUMN join_policy TEXT;
+CREATE INDEX IF NOT EXISTS agents_branches ON agents (parent_id, parent_step, branch_index)
+    WHERE parent_id IS NOT NULL;
+"""
+# Version 5: safe deploys: the version of the graph that triggered the agent or ran its last step.
+SCHEMA_5 = "ALTER TABLE agents ADD COLUMN graph_version TEXT"
 _COLUMNS = ("agent_id, node, step, status, context, start_node, initial_context, attempts, "
-            "error, lease_owner, lease_until, created_at, updated_at, pool, crashes")
+            "error, lease_owner, lease_until, created_at, updated_at, pool, crashes, payload, "
+            "wake_at, waiting, parent_id, joining, graph_version")
+_NOT_PARKED = "wake_at IS NULL AND waiting IS NULL AND joining IS NULL"
+_HISTORY = ("INSERT INTO history (agent_id, step, from_node, to_node, attempts, duration, at, "
+            "kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 _FENCE = "agent_id = ? AND step = ? AND status = 'running' AND lease_owner = ?"
+_BRANCH = (f"INSERT OR REPLACE INTO agents ({_COLUMNS}, parent_step, branch_index) VALUES "
+           "(?, ?, 0, 'running', ?, ?, ?, 0, NULL, NULL, NULL, ?, ?, ?, 0, NULL, NULL, NULL, ?, "
+           "NULL, ?, ?, ?)")
+# Cancels the running children of an agent (the first reason) and their running descendants.
+_CANCEL_BRANCHES = """
+WITH RECURSIVE doomed (agent_id) AS (
+    SELECT agent_id FROM agents WHERE parent_id = ?1 AND status = 'running'
+    UNION
+    SELECT a.agent_id FROM agents a JOIN doomed d ON a.parent_id = d.agent_id
+    WHERE a.parent_id IS NOT NULL AND a.status = 'running'
+)
+UPDATE agents SET status = 'cancelled', error = CASE WHEN parent_id = ?1 THEN ?2 ELSE ?3 END,
+    lease_owner = NULL, lease_until = NULL, wake_at = NULL, waiting = NULL, timeout_node = NULL,
+    joining = NULL, updated_at = ?4
+WHERE agent_id IN doomed
+"""
 
 
 class SQLitePersistence(Persistence):
@@ -127,7 +188,7 @@ class SQLitePersistence(Persistence):
                 f"understands ({SCHEMA_VERSION}); upgrade commandnet"
             )
         if version < SCHEMA_VERSION:
-            await self._write(lambda db: _migrate(db, version))
+            await self._write(_migrate)
 
     @override
     async def close(self) -> None:
@@ -227,6 +288,7 @@ class SQLitePersistence(Persistence):
     @override
     async def create_agent(self, agent: NewAgent) -> bool:
         context = json.dumps(agent.context)
+        payload = _dump(agent.payload)
 
         def body(db: sqlite3.Connection) -> bool:
             old = db.execute("SELECT start_node, initial_context FROM agents WHERE agent_id = ?",
@@ -241,14 +303,14 @@ class SQLitePersistence(Persistence):
                 old_context = json.loads(old[1])
                 if old[0] == agent.start_node and old_context == agent.context:
                     return False
-                raise TriggerConflictError.between(
+                raise trigger_conflict(
                     agent.agent_id, (old[0], old_context), (agent.start_node, agent.context))
             now = self.clock()
             db.execute(
                 f"INSERT INTO agents ({_COLUMNS}) VALUES (?, ?, 0, ?, ?, ?, ?, 0, ?, NULL, NULL, "
-                "?, ?, ?, 0)",
+                "?, ?, ?, 0, ?, NULL, NULL, NULL, NULL, ?)",
                 (agent.agent_id, agent.start_node, agent.status.value, context, agent.start_node,
-                 context, agent.error, now, now, agent.pool),
+                 context, agent.error, now, now, agent.pool, payload, agent.graph_version),
             )
             if agent.status is AgentStatus.RUNNING:
                 db.execute("INSERT INTO outbox VALUES (?, 0, ?)", (agent.agent_id, now))
@@ -268,19 +330,25 @@ class SQLitePersistence(Persistence):
                 "(lease_owner IS NOT NULL AND NOT lease_alone), crashes = crashes + "
                 "(lease_owner IS NOT NULL), lease_alone = ? AND (crashes > 0 OR lease_owner "
                 "IS NOT NULL) WHERE agent_id = ? AND step = ? AND status = 'running' AND "
-                f"pool = ? AND (lease_until IS NULL OR lease_until <= ?) RETURNING {_COLUMNS}",
+                f"pool = ? AND (lease_until IS NULL OR lease_until <= ?) AND {_NOT_PARKED} "
+                f"RETURNING {_COLUMNS}, join_step",
                 (owner, now + lease_seconds, alone, agent_id, step, pool, now),
             ).fetchone()
+            if row is not None and row[21] == step:  # a fan-out's join: the branches' results
+                results = _results(db, agent_id, step)
+                db.execute("UPDATE agents SET payload = ? WHERE agent_id = ?",
+                           (json.dumps(results), agent_id))
+                return Lease(LeaseState.GRANTED, _record(row, results))
             if row is not None:
                 return Lease(LeaseState.GRANTED, _record(row))
-            found = db.execute("SELECT step, status, lease_until, pool FROM agents "
-                               "WHERE agent_id = ?", (agent_id,)).fetchone()
+            found = db.execute(f"SELECT step, status, lease_until, pool, {_NOT_PARKED} "
+                               "FROM agents WHERE agent_id = ?", (agent_id,)).fetchone()
             if found is None:
                 return Lease(LeaseState.MISSING)
             if found[3] != pool:
                 return Lease(LeaseState.FOREIGN)
-            if found[0] != step or found[1] != "running":
-                return Lease(LeaseState.STALE)
+            if found[0] != step or found[1] != "running" or not found[4]:
+                return Lease(LeaseState.STALE)  # past, final, or parked until wake_due
             return Lease(LeaseState.BUSY, retry_after=max(found[2] - now, 0.0))
 
         return await self._write(body)
@@ -297,24 +365,59 @@ class SQLitePersistence(Persistence):
     async def save_state(self, commit: Commit) -> bool:
         done = commit.to_node is None
         context = json.dumps(commit.context)
+        waits = not done and commit.waiting is not None
+        sleeps = not done and not waits and commit.wake_in is not None
+        fans = not done and not waits and not sleeps and commit.branches is not None
+        branches = commit.branches or ()
+        join = (commit.step + 1, len(branches), commit.join_policy) if fans else (None,) * 3
 
         def body(db: sqlite3.Connection) -> bool:
             now = self.clock()
+            payload, wake_at, waiting, timeout_node = _dump(commit.payload), None, None, None
+            joining = None
+            kept = None
+            if waits:  # a signal kept before the wait began is consumed at once
+                kept = db.execute(
+                    "SELECT signal_id, payload FROM signals WHERE agent_id = ? AND name = ? AND "
+                    "consumed_step IS NULL ORDER BY created_at, signal_id LIMIT 1",
+                    (commit.agent_id, commit.waiting)).fetchone()
+                if kept is not None:
+                    payload, wake_at = kept[1], now
+                else:
+                    waiting, timeout_node = commit.waiting, commit.timeout_node
+                    wake_at = None if commit.wake_in is None else now + commit.wake_in
+            elif sleeps and commit.wake_in is not None:  # a timer
+                wake_at = now + commit.wake_in
+            elif fans:  # parked at the join until the branches have ended (none: due at once)
+                joining = len(branches) or None
+                wake_at = None if branches else now
             updated = db.execute(
                 "UPDATE agents SET node = COALESCE(?, node), step = step + 1, status = ?, "
-                "context = ?, attempts = 0, crashes = 0, error = NULL, lease_owner = NULL, "
-                f"lease_until = NULL, updated_at = ? WHERE {_FENCE}",
-                (commit.to_node, "succeeded" if done else "running", context, now,
-                 commit.agent_id, commit.step, commit.owner),
-            ).rowcount
-            if updated != 1:
+                "context = ?, payload = ?, wake_at = ?, waiting = ?, timeout_node = ?, "
+                "joining = ?, join_step = COALESCE(?, join_step), join_size = COALESCE(?, "
+                "join_size), join_policy = COALESCE(?, join_policy), "
+                "graph_version = COALESCE(?, graph_version), "
+                "attempts = 0, crashes = 0, error = NULL, lease_owner = NULL, "
+                f"lease_until = NULL, updated_at = ? WHERE {_FENCE} RETURNING pool, parent_id, "
+                "graph_version",
+                (commit.to_node, "succeeded" if done else "running", context, payload, wake_at,
+                 waiting, timeout_node, joining, *join, commit.graph_version, now,
+                 commit.agent_id, commit.step,
+                 commit.owner),
+            ).fetchall()
+            if len(updated) != 1:
                 return False
-            db.execute(
-                "INSERT INTO history VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (commit.agent_id, commit.step + 1, commit.from_node, commit.to_node,
-                 commit.attempts, commit.duration, now),
-            )
-            if not done:
+            if fans:
+                _create_branches(db, commit.agent_id, commit.step + 1, branches, updated[0][0],
+                                 now, updated[0][2])
+            elif done and updated[0][1] is not None:
+                _branch_ended(db, commit.agent_id, now)
+            if kept is not None:
+                db.execute("UPDATE signals SET consumed_step = ? WHERE agent_id = ? AND "
+                           "signal_id = ?", (commit.step + 1, commit.agent_id, kept[0]))
+            db.execute(_HISTORY, (commit.agent_id, commit.step + 1, commit.from_node,
+                                  commit.to_node, commit.attempts, commit.duration, now, "step"))
+            if not done and not waits and not sleeps and not fans:  # parked: wake_due's
                 db.execute("INSERT OR REPLACE INTO outbox VALUES (?, ?, ?)",
                            (commit.agent_id, commit.step + 1, now))
             return True
@@ -325,14 +428,17 @@ class SQLitePersistence(Persistence):
     async def record_failure(self, failure: Failure) -> bool:
         def body(db: sqlite3.Connection) -> bool:
             now = self.clock()
-            return db.execute(
+            updated = db.execute(
                 "UPDATE agents SET attempts = ?, error = ?, lease_owner = NULL, lease_until = ?, "
-                f"status = ?, updated_at = ? WHERE {_FENCE}",
+                f"status = ?, updated_at = ? WHERE {_FENCE} RETURNING parent_id",
                 (failure.attempts, failure.error,
                  None if failure.final else now + failure.retry_in,
                  "failed" if failure.final else "running", now, failure.agent_id, failure.step,
                  failure.owner),
-            ).rowcount == 1
+            ).fetchall()
+            if failure.final and updated and updated[0][0] is not None:
+                _branch_ended(db, failure.agent_id, now)
+            return len(updated) == 1
 
         return await self._write(body)
 
@@ -344,17 +450,107 @@ class SQLitePersistence(Persistence):
         ))
 
     @override
+    async def wake_due(self, pool: str, limit: int) -> list[OutboxEntry]:
+        def body(db: sqlite3.Connection) -> list[OutboxEntry]:
+            now = self.clock()
+            due = db.execute(  # the partial index agents_due: only parked rows are read
+                "SELECT agent_id, step, node, waiting, timeout_node FROM agents "
+                "WHERE pool = ? AND wake_at IS NOT NULL AND wake_at <= ? AND status = 'running' "
+                "ORDER BY wake_at LIMIT ?", (pool, now, limit)).fetchall()
+            woken = []
+            for agent_id, step, node, waiting, timeout_node in due:
+                if waiting is not None:  # the signal wait ran out: on to its timeout node
+                    step, timeout_node = step + 1, timeout_node or node
+                    db.execute("UPDATE agents SET node = ?, step = ?, payload = NULL, "
+                               "attempts = 0 WHERE agent_id = ?", (timeout_node, step, agent_id))
+                    db.execute(_HISTORY, (agent_id, step, node, timeout_node, 0, 0.0, now,
+                                          "timeout"))
+                db.execute("UPDATE agents SET wake_at = NULL, waiting = NULL, "
+                           "timeout_node = NULL, updated_at = ? WHERE agent_id = ?",
+                           (now, agent_id))
+                db.execute("INSERT OR REPLACE INTO outbox VALUES (?, ?, ?)", (agent_id, step, now))
+                woken.append(OutboxEntry(agent_id, step, now))
+            return woken
+
+        return await self._write(body)
+
+    @override
+    async def signal_agent(self, agent_id: str, name: str, signal_id: str,
+                           payload: Any) -> SignalOutcome:
+        data = _dump(payload)
+
+        def body(db: sqlite3.Connection) -> SignalOutcome:
+            now = self.clock()
+            row = db.execute("SELECT status, step, waiting, start_node FROM agents "
+                             "WHERE agent_id = ?", (agent_id,)).fetchone()
+            if row is None or not row[3]:  # a cancel tombstone is no agent
+                return SignalOutcome.MISSING
+            if row[0] != "running":
+                return SignalOutcome.FINAL
+            delivered = row[2] == name
+            stored = db.execute(
+                "INSERT INTO signals (agent_id, signal_id, name, payload, created_at, "
+                "consumed_step) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (agent_id, signal_id, name, data, now, row[1] if delivered else None)).rowcount
+            if stored != 1:
+                return SignalOutcome.DUPLICATE
+            if not delivered:
+                return SignalOutcome.KEPT
+            db.execute("UPDATE agents SET payload = ?, waiting = NULL, timeout_node = NULL, "
+                       "wake_at = ?, updated_at = ? WHERE agent_id = ?",
+                       (data, now, now, agent_id))
+            return SignalOutcome.DELIVERED
+
+        return await self._write(body)
+
+    @override
+    async def resume_agent(self, agent_id: str, node: str, context: dict[str, Any],
+                           pool: str = "default") -> bool:
+        data = json.dumps(context)
+
+        def body(db: sqlite3.Connection) -> bool:
+            now = self.clock()
+            row = db.execute(
+                "SELECT node, step FROM agents WHERE agent_id = ? AND pool = ? AND status IN "
+                "('failed', 'cancelled') AND start_node != ''", (agent_id, pool)).fetchone()
+            if row is None:  # running, succeeded, another pool's, or a cancel tombstone
+                return False
+            step = row[1] + 1
+            db.execute(
+                "UPDATE agents SET status = 'running', node = ?, step = ?, context = ?, "
+                "payload = NULL, error = NULL, attempts = 0, crashes = 0, lease_owner = NULL, "
+                "lease_until = NULL, lease_alone = 0, wake_at = NULL, waiting = NULL, "
+                "timeout_node = NULL, joining = NULL, republished_at = NULL, updated_at = ? "
+                "WHERE agent_id = ?",
+                (node, step, data, now, agent_id))
+            db.execute(_HISTORY, (agent_id, step, row[0], node, 0, 0.0, now, "resume"))
+            db.execute("INSERT OR REPLACE INTO outbox VALUES (?, ?, ?)", (agent_id, step, now))
+            return True
+
+        return await self._write(body)
+
+    @override
     async def cancel_agent(self, agent_id: str, reason: str, pool: str = "default") -> bool:
         def body(db: sqlite3.Connection) -> bool:
             now = self.clock()
             # A tombstone for an id not triggered yet (empty start node), else the update.
-            db.execute(
+            cancelled = db.execute(
                 f"INSERT INTO agents ({_COLUMNS}) VALUES (?, '', 0, 'cancelled', '{{}}', '', "
-                "'{}', 0, ?, NULL, NULL, ?, ?, ?, 0) ON CONFLICT (agent_id) DO UPDATE SET "
-                "status = 'cancelled', error = excluded.error, lease_owner = NULL, "
-                "lease_until = NULL, updated_at = excluded.updated_at WHERE status = 'running'",
-                (agent_id, reason, now, now, pool))
-            return bool(db.execute("SELECT changes()").fetchone()[0])
+                "'{}', 0, ?, NULL, NULL, ?, ?, ?, 0, NULL, NULL, NULL, NULL, NULL, NULL) ON "
+                "CONFLICT "
+                "(agent_id) "
+                "DO UPDATE SET status = 'cancelled', error = excluded.error, lease_owner = NULL, "
+                "lease_until = NULL, wake_at = NULL, waiting = NULL, timeout_node = NULL, "
+                "joining = NULL, updated_at = excluded.updated_at WHERE status = 'running' "
+                "RETURNING start_node",
+                (agent_id, reason, now, now, pool)).fetchall()
+            if not cancelled:
+                return False
+            if cancelled[0][0]:  # not a new tombstone: its branches, then its own parent's join
+                db.execute(_CANCEL_BRANCHES, (agent_id, PARENT_CANCELLED, PARENT_CANCELLED,
+                                              now))
+                _branch_ended(db, agent_id, now)
+            return True
 
         return await self._write(body)
 
@@ -367,7 +563,8 @@ class SQLitePersistence(Persistence):
     @override
     async def get_history(self, agent_id: str) -> list[HistoryRecord]:
         rows = self.db.execute(
-            "SELECT agent_id, step, from_node, to_node, attempts, duration, at FROM history "
+            "SELECT agent_id, step, from_node, to_node, attempts, duration, at, kind FROM "
+            "history "
             "WHERE agent_id = ? ORDER BY step", (agent_id,)).fetchall()
         return [HistoryRecord(*row) for row in rows]
 
@@ -399,7 +596,8 @@ class SQLitePersistence(Persistence):
                 "UPDATE agents SET republished_at = ? WHERE agent_id IN (SELECT agent_id FROM "
                 "agents WHERE status = 'running' AND (? IS NULL OR pool = ?) AND "
                 "updated_at <= ? AND coalesce(republished_at, 0) <= ? AND "
-                "(lease_until IS NULL OR lease_until <= ?) ORDER BY updated_at LIMIT ?) "
+                f"(lease_until IS NULL OR lease_until <= ?) AND {_NOT_PARKED} "
+                "ORDER BY updated_at LIMIT ?) "
                 "RETURNING agent_id, step, updated_at",
                 (now, pool, pool, now - older_than, now - older_than, now, limit)).fetchall()
             return sorted((OutboxEntry(*row) for row in rows), key=lambda e: e.created_at)
@@ -445,19 +643,80 @@ def _settle(future: asyncio.Future[Any], result: Any = None,
             future.set_exception(exc)
 
 
-def _migrate(db: sqlite3.Connection, version: int) -> None:
+def _migrate(db: sqlite3.Connection) -> None:
+    # Read again under the write lock: another process may have migrated meanwhile.
+    version = db.execute("PRAGMA user_version").fetchone()[0]
     # executescript() would commit the surrounding transaction; run statement by statement.
-    for script in (SCHEMA, SCHEMA_2)[version:]:
+    for script in (SCHEMA, SCHEMA_2, SCHEMA_3, SCHEMA_4, SCHEMA_5)[version:]:
         for statement in script.split(";"):
             if statement.strip():
                 db.execute(statement)
     db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
 
-def _record(row: Sequence[Any]) -> AgentRecord:
+def _create_branches(db: sqlite3.Connection, parent_id: str, step: int,
+                     branches: Sequence[Branch], pool: str, now: float,
+                     version: str | None) -> None:
+    """The fan-out that moved ``parent_id`` to ``step``: a running row and a step 0 event for
+    each branch (a retried commit would make the same ids)."""
+    rows = []
+    for i, branch in enumerate(branches):
+        context = json.dumps(branch.context)
+        rows.append((branch_id(parent_id, step, i), branch.node, context, branch.node, context,
+                     now, now, pool, parent_id, version, step, i))
+    db.executemany(_BRANCH, rows)
+    db.executemany("INSERT OR REPLACE INTO outbox VALUES (?, 0, ?)",
+                   [(row[0], now) for row in rows])
+
+
+def _branch_ended(db: sqlite3.Connection, agent_id: str, now: float) -> None:
+    """Count the ended branch ``agent_id`` down at its parent's join, if the parent still waits
+    there; fail fast: a branch that did not succeed fails the parent and cancels its siblings."""
+    row = db.execute(
+        "SELECT b.status, b.error, p.agent_id, p.join_policy FROM agents b JOIN agents p "
+        "ON p.agent_id = b.parent_id WHERE b.agent_id = ? AND p.status = 'running' AND "
+        "p.joining IS NOT NULL AND p.join_step = b.parent_step AND p.step = b.parent_step",
+        (agent_id,)).fetchone()
+    if row is None:
+        return
+    status, error, parent_id, policy = row
+    if status != "succeeded" and policy == "fail_fast":
+        db.execute("UPDATE agents SET status = 'failed', error = ?, joining = NULL, "
+                   "updated_at = ? WHERE agent_id = ?",
+                   (f"branch {agent_id!r} {status}: {error}", now, parent_id))
+        db.execute(_CANCEL_BRANCHES, (parent_id, SIBLING_FAILED, PARENT_CANCELLED, now))
+        return
+    db.execute("UPDATE agents SET joining = CASE WHEN joining > 1 THEN joining - 1 END, "
+               "wake_at = CASE WHEN joining > 1 THEN NULL ELSE ? END, updated_at = ? "
+               "WHERE agent_id = ?", (now, now, parent_id))
+
+
+def _results(db: sqlite3.Connection, parent_id: str, step: int) -> list[dict[str, Any]]:
+    """The results of the branches of the fan-out that moved ``parent_id`` to ``step``."""
+    rows = db.execute(
+        "SELECT agent_id, status, node, context, error FROM agents WHERE parent_id = ? AND "
+        "parent_step = ? ORDER BY branch_index", (parent_id, step)).fetchall()
+    return [{"agent_id": agent_id, "status": status, "node": node,
+             "context": json.loads(context), "error": error}
+            for agent_id, status, node, context, error in rows]
+
+
+def _record(row: Sequence[Any], results: list[dict[str, Any]] | None = None) -> AgentRecord:
+    """An agent row as read; ``results``: a join's payload, given instead of the stored one."""
     return AgentRecord(
         agent_id=row[0], node=row[1], step=row[2], status=AgentStatus(row[3]),
         context=json.loads(row[4]), start_node=row[5], initial_context=json.loads(row[6]),
         attempts=row[7], error=row[8], lease_owner=row[9], lease_until=row[10],
         created_at=row[11], updated_at=row[12], pool=row[13], crashes=row[14],
+        payload=_load(row[15]) if results is None else results, wake_at=row[16],
+        waiting=row[17], parent_id=row[18], joining=row[19], graph_version=row[20],
     )
+
+
+def _dump(payload: Any) -> str | None:
+    """A payload as stored: JSON text, or NULL for None."""
+    return None if payload is None else json.dumps(payload)
+
+
+def _load(text: str | None) -> Any:
+    return None if text is None else json.loads(text)

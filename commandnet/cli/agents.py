@@ -1,10 +1,11 @@
-"""``commandnet trigger | cancel | status``: act on agents from outside, without the graph's code.
+"""``commandnet trigger | cancel | signal | resume | status``: act on agents from outside,
+without the graph's code.
 
-``trigger`` and ``cancel`` publish a command on the pool's commands subject; a worker of that
-pool (which has the code) validates and applies it. ``status`` reads the agent's latest status
-from the NATS KV bucket when the bus is NATS (what the workers write after every transition),
-otherwise from the store. Connection settings come from flags or the worker's ``COMMANDNET_*``
-variables, so a pod with the worker's environment needs no flags at all.
+``trigger``, ``cancel``, ``signal`` and ``resume`` publish a command on the pool's commands
+subject; a worker of that pool (which has the code) validates and applies it. ``status`` reads
+the agent's latest status from the NATS KV bucket when the bus is NATS (what the workers write
+after every transition), otherwise from the store. Connection settings come from flags or the
+worker's ``COMMANDNET_*`` variables, so a pod with the worker's environment needs no flags.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pydantic import ValidationError
 from ..adapters.urls import bus_from_url, store_from_url
 from ..bus import EventBus
 from ..errors import AgentNotFoundError, CommandNetError
-from ..messages import CancelCommand, TriggerCommand
+from ..messages import AnyMessage, CancelCommand, ResumeCommand, SignalCommand, TriggerCommand
 from ..persistence import Persistence
 from ..tracing.setup import setup_tracing
 from ..worker.logs import redact
@@ -96,7 +97,7 @@ def _shared_bus(conn: ConnectionSettings) -> EventBus:
 
 
 async def _publish(conn: ConnectionSettings, bus: EventBus,
-                   message: TriggerCommand | CancelCommand, within: float) -> None:
+                   message: AnyMessage, within: float) -> None:
     await reach("bus", conn.bus_url, bus.connect(), within)
     try:
         await asyncio.wait_for(bus.publish(message), within)
@@ -110,27 +111,34 @@ async def _publish(conn: ConnectionSettings, bus: EventBus,
         await bus.close()
 
 
-def parse_context(text: str) -> dict[str, Any]:
-    """``--context``: a JSON object, ``@file.json`` or ``-`` (stdin); anything else is an error."""
-    source = "--context"
+def parse_json(text: str, option: str = "--context", object_only: bool = True) -> Any:
+    """A JSON option: inline, ``@file.json`` or ``-`` (stdin); anything else is an error naming
+    the option. ``object_only``: it must be a JSON object (a context or a context patch)."""
+    source = option
     if text == "-":
-        text, source = sys.stdin.read(), "--context - (stdin)"
+        text, source = sys.stdin.read(), f"{option} - (stdin)"
     elif text.startswith("@"):
         path = Path(text[1:])
         try:
-            text, source = path.read_text(), f"--context file {str(path)!r}"
+            text, source = path.read_text(), f"{option} file {str(path)!r}"
         except OSError as exc:
             raise click.BadParameter(f"cannot read {path}: {exc.strerror}",
-                                     param_hint="'--context'") from None
+                                     param_hint=f"'{option}'") from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise click.BadParameter(f"{source} is not valid JSON: {exc}",
-                                 param_hint="'--context'") from None
-    if not isinstance(value, dict):
+                                 param_hint=f"'{option}'") from None
+    if object_only and not isinstance(value, dict):
         raise click.BadParameter(
             f"{source} must be a JSON object like '{{\"key\": \"value\"}}', "
-            f"not a JSON {type(value).__name__}", param_hint="'--context'")
+            f"not a JSON {type(value).__name__}", param_hint=f"'{option}'")
+    return value
+
+
+def parse_context(text: str) -> dict[str, Any]:
+    """``--context``: a JSON object, ``@file.json`` or ``-`` (stdin); anything else is an error."""
+    value: dict[str, Any] = parse_json(text)
     return value
 
 
@@ -139,20 +147,24 @@ def parse_context(text: str) -> dict[str, Any]:
 @click.option("--node", "start_node", required=True, help="Start node name, e.g. AuthCheck.")
 @click.option("--context", "context_text", default="{}", show_default=True,
               help="Initial context: a JSON object, @file.json, or - for stdin.")
+@click.option("--payload", "payload_text", default=None,
+              help="The start node's payload (JSON, @file.json or -), validated as its type.")
 @_connection_options
 @click.option("--wait", is_flag=True, help="Wait until the agent is final; exit 1 unless it "
                                            "succeeded. Needs the store (--store) or a NATS bus.")
 @click.option("--timeout", type=float, default=None, help="With --wait: give up after seconds.")
 @click.option("--store", "store_url", metavar="URL",
               help="Store to read with --wait when the bus is not NATS [COMMANDNET_STORE_URL]")
-def trigger(agent_id: str, start_node: str, context_text: str, pool: str | None,
-            bus_url: str | None, connect_timeout: float, wait: bool, timeout: float | None,
-            store_url: str | None) -> None:
+def trigger(agent_id: str, start_node: str, context_text: str, payload_text: str | None,
+            pool: str | None, bus_url: str | None, connect_timeout: float, wait: bool,
+            timeout: float | None, store_url: str | None) -> None:
     """Start agent AGENT_ID at node --node in pool --pool (a worker validates the context)."""
     context = parse_context(context_text)
+    payload = None if payload_text is None else parse_json(payload_text, "--payload", False)
     conn = _settings(pool=pool, bus_url=bus_url, store_url=store_url)
     bus = _shared_bus(conn)
-    cmd = TriggerCommand(agent_id=agent_id, start_node=start_node, context=context)
+    cmd = TriggerCommand(agent_id=agent_id, start_node=start_node, context=context,
+                         payload=payload)
     stop_tracing = setup_tracing("commandnet-cli")  # OTEL_*: the trigger span is the root
     try:
         _run(conn, _publish(conn, bus, cmd, connect_timeout))
@@ -181,6 +193,45 @@ def cancel(agent_id: str, reason: str, pool: str | None, bus_url: str | None,
     cmd = CancelCommand(agent_id=agent_id, reason=reason)
     _run(conn, _publish(conn, bus, cmd, connect_timeout))
     click.echo(f"cancel sent: agent {agent_id!r} in pool {conn.pool!r}")
+
+
+@click.command()
+@click.argument("agent_id")
+@click.argument("name")
+@click.option("--payload", "payload_text", default="null", show_default=True,
+              help="The signal's payload: JSON, @file.json or - for stdin (validated by the "
+                   "waiting node's payload type).")
+@click.option("--id", "signal_id", default=None,
+              help="Signal id: sending the same id again is applied once (default: a new id).")
+@_connection_options
+def signal(agent_id: str, name: str, payload_text: str, signal_id: str | None, pool: str | None,
+           bus_url: str | None, connect_timeout: float) -> None:
+    """Send signal NAME to AGENT_ID: delivered if it waits for NAME, else kept until it does."""
+    payload = parse_json(payload_text, "--payload", object_only=False)
+    conn = _settings(pool=pool, bus_url=bus_url)
+    cmd = SignalCommand(agent_id=agent_id, name=name, payload=payload)
+    if signal_id:
+        cmd = cmd.model_copy(update={"signal_id": signal_id})
+    _run(conn, _publish(conn, _shared_bus(conn), cmd, connect_timeout))
+    click.echo(f"signal {name!r} sent: agent {agent_id!r} in pool {conn.pool!r} "
+               f"(id {cmd.signal_id})")
+
+
+@click.command()
+@click.argument("agent_id")
+@click.option("--from", "node", required=True, help="The node to run again from.")
+@click.option("--context-patch", "patch_text", default="{}", show_default=True,
+              help="A JSON merge patch (RFC 7396) for the context: JSON, @file.json or -; "
+                   "null deletes a key. The result is validated.")
+@_connection_options
+def resume(agent_id: str, node: str, patch_text: str, pool: str | None, bus_url: str | None,
+           connect_timeout: float) -> None:
+    """Run the failed or cancelled AGENT_ID again from node --from (the history keeps all)."""
+    patch = parse_json(patch_text, "--context-patch")
+    conn = _settings(pool=pool, bus_url=bus_url)
+    cmd = ResumeCommand(agent_id=agent_id, node=node, context_patch=patch)
+    _run(conn, _publish(conn, _shared_bus(conn), cmd, connect_timeout))
+    click.echo(f"resume sent: agent {agent_id!r} from node {node!r} in pool {conn.pool!r}")
 
 
 @click.command()
@@ -245,6 +296,7 @@ async def _status_from_store(conn: ConnectionSettings, agent_id: str,
         "agent_id": rec.agent_id, "status": rec.status.value, "node": rec.node,
         "step": rec.step, "error": rec.error, "attempts": rec.attempts,
         "start_node": rec.start_node, "lease_owner": rec.lease_owner,
+        "waiting": rec.waiting, "wake_at": _iso(rec.wake_at),
         "created_at": _iso(rec.created_at), "updated_at": _iso(rec.updated_at),
     }
 

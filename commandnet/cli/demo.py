@@ -1,5 +1,8 @@
 """``commandnet demo``: run the bundled order flow for N agents, with live progress and a summary.
 
+Each order fans out into parallel branches (one sub-agent per line item) joined once, and waits
+on a durable timer before it ships: the summary counts both, read back from the store.
+
 Embedded defaults, nothing to install: a SQLite file in a temporary folder, and either
 ``--workers`` separate worker processes sharing it over an embedded nats-server, or
 (``--workers 0``) one process with an in-memory bus.
@@ -28,7 +31,8 @@ from ..adapters.memory import InMemoryEventBus
 from ..adapters.sqlite import SQLitePersistence
 from ..engine import Engine
 from ..errors import CommandNetError
-from ..examples.orders import Intake, Order
+from ..examples.orders import COURIER_WAIT, Intake, Order
+from ..graph import GraphAnalyzer
 
 GRAPH = "commandnet.examples.orders:Intake"
 
@@ -42,7 +46,8 @@ GRAPH = "commandnet.examples.orders:Intake"
               help="Keep the SQLite file here (default: a temporary folder).")
 @click.option("--seed", type=int, default=None, help="Seed the simulated provider's failures.")
 def demo(agents: int, workers: int, workdir: Path | None, seed: int | None) -> None:
-    """Run the bundled order flow (branching, a manual-review path, a flaky retried payment)."""
+    """Run the bundled order flow (branching, a manual-review path, a flaky retried payment, a
+    fan-out per line item and a durable timer)."""
     if seed is not None:
         random.seed(seed)
     # Retries and failures are part of the show: the summary reports them, the log need not.
@@ -116,39 +121,73 @@ class _progress(AbstractAsyncContextManager[None]):
             await self._task
 
     async def _draw(self) -> None:
-        columns = (TextColumn("[progress.description]{task.description}"), BarColumn(),
+        columns = (TextColumn("[progress.description]{task.description}"), BarColumn(10),
                    MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=self.console, transient=False) as bar:
             task = bar.add_task("agents finished", total=self.total)
             while True:
-                finished, running, transitions = await asyncio.to_thread(_counts, self.db)
+                finished, running, parked, branches, transitions = await asyncio.to_thread(
+                    _counts, self.db)
                 bar.update(task, completed=finished,
-                           description=f"running {running:4d} | transitions {transitions:6d}")
+                           description=f"running {running:3d} parked {parked:3d} branches "
+                                       f"{branches:4d} steps {transitions:5d}")
                 if finished >= self.total:
                     break
                 await asyncio.sleep(0.1)
 
 
-def _counts(db: Path) -> tuple[int, int, int]:
+def _counts(db: Path) -> tuple[int, int, int, int, int]:
+    """Orders finished and running, orders parked (a timer or a join), branches, transitions.
+
+    Fan-out branches are agents too (with a parent): they are counted apart from the orders.
+    """
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-            by_status = dict(conn.execute("SELECT status, count(*) FROM agents GROUP BY status"))
+            by_status = dict(conn.execute("SELECT status, count(*) FROM agents "
+                                          "WHERE parent_id IS NULL GROUP BY status"))
+            parked, branches = conn.execute(
+                "SELECT count(*) FILTER (WHERE parent_id IS NULL AND status = 'running' AND "
+                "(wake_at IS NOT NULL OR joining IS NOT NULL)), "
+                "count(*) FILTER (WHERE parent_id IS NOT NULL) FROM agents").fetchone()
             transitions = conn.execute("SELECT count(*) FROM history").fetchone()[0]
     except sqlite3.OperationalError:  # no file or schema yet
-        return 0, 0, 0
+        return 0, 0, 0, 0, 0
     running = by_status.pop("running", 0)
-    return sum(by_status.values()), running, transitions
+    return sum(by_status.values()), running, parked, branches, transitions
+
+
+def _edges(kind: str) -> list[tuple[str, str]]:
+    """The order flow's edges of one kind: "sleep" (a timer), "join" (a fan-out's join)."""
+    graph = GraphAnalyzer.validate(Intake)
+    return sorted(edge for edge, kinds in graph.kinds.items() if kind in kinds)
+
+
+def _on(edges: list[tuple[str, str]], table: str = "history") -> str:
+    """SQL matching history rows on ``edges`` (names come from the graph, not from input)."""
+    return " OR ".join(f"({table}.from_node = '{a}' AND {table}.to_node = '{b}')"
+                       for a, b in edges) or "0"
 
 
 def _summary(console: Console, db: Path, elapsed: float) -> None:
     with sqlite3.connect(db, timeout=5) as conn:
-        rows = conn.execute("SELECT status, node, count(*) FROM agents GROUP BY status, node "
-                            "ORDER BY status, node").fetchall()
+        rows = conn.execute("SELECT status, node, count(*) FROM agents WHERE parent_id IS NULL "
+                            "GROUP BY status, node ORDER BY status, node").fetchall()
         transitions = conn.execute("SELECT count(*) FROM history").fetchone()[0]
         retried = conn.execute("SELECT count(*) FROM history WHERE attempts > 1").fetchone()[0]
         errors = conn.execute("SELECT agent_id, node, error FROM agents WHERE status = 'failed' "
-                              "ORDER BY agent_id LIMIT 3").fetchall()
-    table = Table(title="Agents by final node")
+                              "AND parent_id IS NULL ORDER BY agent_id LIMIT 3").fetchall()
+        branches = dict(conn.execute("SELECT status, count(*) FROM agents "
+                                     "WHERE parent_id IS NOT NULL GROUP BY status").fetchall())
+        fanned = conn.execute("SELECT count(DISTINCT parent_id) FROM agents "
+                              "WHERE parent_id IS NOT NULL").fetchone()[0]
+        joins = conn.execute(f"SELECT count(*) FROM history WHERE {_on(_edges('join'))}"
+                             ).fetchone()[0]
+        # A timer's wait: from the commit that parked the order to the next node's commit.
+        timers, waited = conn.execute(
+            "SELECT count(*), avg(n.at - h.at) FROM history h LEFT JOIN history n ON "
+            f"n.agent_id = h.agent_id AND n.step = h.step + 1 WHERE {_on(_edges('sleep'), 'h')}"
+        ).fetchone()
+    table = Table(title="Orders by final node")
     table.add_column("status")
     table.add_column("final node")
     table.add_column("agents", justify="right")
@@ -159,5 +198,11 @@ def _summary(console: Console, db: Path, elapsed: float) -> None:
     console.print(f"failures: {failed}   steps that needed a retry: {retried}   "
                   f"transitions: {transitions} in {elapsed:.1f}s = "
                   f"[bold]{transitions / elapsed:.0f} transitions/s[/]")
+    ended = ", ".join(f"{count} {status}" for status, count in sorted(branches.items()))
+    console.print(f"fan-out: {sum(branches.values())} branches (one per line item, in parallel; "
+                  f"{ended or 'none'}) for {fanned} orders, joined once each: {joins} joins")
+    console.print(f"timers: {timers} orders parked in the store for the courier "
+                  f"({COURIER_WAIT:g} s durable timer, no worker slot held): "
+                  f"{waited or 0:.2f} s from parking to shipping on average")
     for agent_id, node, error in errors:
         console.print(f"  failed {agent_id} at {node}: {(error or '').splitlines()[0]}")

@@ -14,6 +14,8 @@ COMMANDS = {
     "worker": "commandnet.cli.worker:worker",
     "trigger": "commandnet.cli.agents:trigger",
     "cancel": "commandnet.cli.agents:cancel",
+    "signal": "commandnet.cli.agents:signal",
+    "resume": "commandnet.cli.agents:resume",
     "status": "commandnet.cli.agents:status",
     "migrate": "commandnet.cli.migrate:migrate",
     "pools": "commandnet.cli.pools:pools",

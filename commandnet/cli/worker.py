@@ -27,7 +27,8 @@ _FLAGS = {
     "stall_after": "--stall-after", "ack_wait": "--ack-wait", "migrate": "--migrate/--no-migrate",
     "dlq_max_bytes": "--dlq-max-bytes", "dlq_max_age": "--dlq-max-age",
     "reconcile_batch": "--reconcile-batch", "status_flush_interval": "--status-flush-interval",
-    "local_handoff": "--local-handoff",
+    "local_handoff": "--local-handoff", "wake_interval": "--wake-interval",
+    "node_grace": "--node-grace",
 }
 
 
@@ -86,6 +87,13 @@ def _environment_only() -> str:
 @click.option("--reconcile-batch", type=int,
               help="Stalled agents the pool's sweeper re-publishes per sweep at most "
                    "[COMMANDNET_RECONCILE_BATCH; 100]")
+@click.option("--wake-interval", type=float,
+              help="Seconds between looks for parked agents that are due "
+                   "[COMMANDNET_WAKE_INTERVAL; 0.5]")
+@click.option("--node-grace", type=float,
+              help="Seconds a step at a node this worker lacks waits for a worker that has it "
+                   "(rolling upgrades), then the agent fails: NodeRemoved "
+                   "[COMMANDNET_NODE_GRACE; 600]")
 @click.option("--status-flush-interval", type=float,
               help="Seconds the KV status mirror buffers writes "
                    "[COMMANDNET_STATUS_FLUSH_INTERVAL; 0.25]")

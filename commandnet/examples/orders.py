@@ -1,8 +1,13 @@
-"""The demo's graph: an order flow with branching, a manual-review loop and a flaky provider.
+"""The demo's graph: an order flow with branching, a manual-review loop, a flaky provider, a
+parallel fan-out and a durable timer.
 
     Intake -> RiskCheck -> Charge | ManualReview | Rejected
-    ManualReview -> Charge | Rejected;  Charge -> Fulfil (the provider fails 25 % of calls,
-    so Charge is retried with backoff; four failures in a row fail the agent)
+    ManualReview -> Charge | Rejected
+    Charge -> Pick (the provider fails 25 % of calls, so Charge is retried with backoff; four
+        failures in a row fail the agent)
+    Pick -> FanOut: one PickItem branch per line item, in parallel (sub-agents, any worker),
+        then the join Pack once, with every branch's result
+    Pack -> Sleep 0.2 s -> Fulfil (waits for the courier parked in the store: no worker slot)
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ import random
 
 from pydantic import BaseModel, Field
 
-from commandnet import Node, RetryPolicy
+from commandnet import BranchResult, FanOut, Node, RetryPolicy, Sleep
+
+COURIER_WAIT = 0.2  # seconds an order waits for the courier, on a durable timer
 
 
 class ProviderUnavailable(ConnectionError):
@@ -26,6 +33,9 @@ class Order(BaseModel):
     order_id: str
     amount: float = Field(gt=0)
     risk: float = 0.0
+    lines: int = Field(default=0, ge=0)  # line items (0: Intake picks 1 to 3)
+    line: int | None = None  # the line item a PickItem branch picks
+    picked: int = 0
     reviewed: bool = False
     charged: bool = False
     log: list[str] = []
@@ -40,7 +50,9 @@ class Intake(Node[Order]):
 
     async def run(self, ctx: Order) -> type[RiskCheck]:
         await _work()
-        ctx.risk = int(hashlib.sha256(ctx.order_id.encode()).hexdigest()[:6], 16) % 100 / 100
+        digest = int(hashlib.sha256(ctx.order_id.encode()).hexdigest()[:6], 16)
+        ctx.risk = digest % 100 / 100
+        ctx.lines = ctx.lines or 1 + digest // 100 % 3
         ctx.log.append("intake")
         return RiskCheck
 
@@ -70,17 +82,47 @@ class Charge(Node[Order], retry=RetryPolicy(max_attempts=4, initial_interval=0.0
                                             max_interval=0.5, timeout=10)):
     """Take the payment from a provider that fails a quarter of the time."""
 
-    async def run(self, ctx: Order) -> type[Fulfil]:
+    async def run(self, ctx: Order) -> type[Pick]:
         await _work()
         if random.random() < 0.25:
             raise ProviderUnavailable(f"provider timed out charging {ctx.order_id}")
         ctx.charged = True
         ctx.log.append("charged")
-        return Fulfil
+        return Pick
+
+
+# The ignores: Node.run's declared return type (for mypy) does not admit directives yet, and
+# NodeClass (type[Node[Any]]) does not admit a node with a payload type (Pack).
+class Pick(Node[Order]):
+    """Pick every line item from the warehouse in parallel: one branch each, then Pack."""
+
+    async def run(self, ctx: Order) -> FanOut[Pack, PickItem]:
+        ctx.log.append(f"picking {ctx.lines} line(s)")
+        branches = [(PickItem, ctx.model_copy(update={"line": i, "log": []}))
+                    for i in range(ctx.lines)]
+        return FanOut(Pack, branches)
+
+
+class PickItem(Node[Order]):
+    """A branch: take one line item off the shelf."""
+
+    async def run(self, ctx: Order) -> None:
+        await _work()
+        ctx.log.append(f"picked line {ctx.line}")
+
+
+class Pack(Node[Order, list[BranchResult[Order]]]):
+    """The join: runs once, after every branch ended; then wait for the courier (a timer)."""
+
+    async def run(self, ctx: Order) -> Sleep[Fulfil]:
+        await _work()
+        ctx.picked = sum(1 for result in self.payload if result.status == "succeeded")
+        ctx.log.append(f"packed {ctx.picked} line(s)")
+        return Sleep(Fulfil, seconds=COURIER_WAIT)
 
 
 class Fulfil(Node[Order]):
-    """Ship it."""
+    """Hand it to the courier."""
 
     async def run(self, ctx: Order) -> None:
         await _work()

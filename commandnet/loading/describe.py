@@ -11,12 +11,17 @@ import hashlib
 import json
 from typing import Any
 
+from pydantic import TypeAdapter
+from pydantic.errors import PydanticUserError
+
 from ..graph import Graph
+from ..node import payload_type
 
 
 def describe_graph(graph: Graph) -> dict[str, Any]:
-    """One graph: start node, nodes, edges, terminal nodes and the context model's schema."""
-    return {
+    """One graph: start node, nodes, edges, terminal nodes, the context model's schema and
+    ``payloads``: the JSON schema of each node that declares a payload (``Node[Ctx, P]``)."""
+    doc = {
         "start": graph.start.node_name,
         "nodes": sorted(graph.nodes),
         "edges": {name: sorted(graph.edges[name]) for name in sorted(graph.edges)},
@@ -24,6 +29,23 @@ def describe_graph(graph: Graph) -> dict[str, Any]:
         "context": graph.context.model_json_schema(),
         "context_model": graph.context.__name__,
     }
+    payloads = {name: schema for name in sorted(graph.nodes)
+                if (schema := payload_schema(graph.nodes[name])) is not None}
+    if payloads:  # absent when no node takes one: documents of such graphs are as they were
+        doc["payloads"] = payloads
+    return doc
+
+
+def payload_schema(node: Any) -> dict[str, Any] | None:
+    """The JSON schema of the payload ``node`` declares, None when it declares none (or one
+    that has no JSON schema: the worker still validates it)."""
+    kind = payload_type(node)
+    if kind is None:
+        return None
+    try:
+        return TypeAdapter(kind).json_schema()
+    except (PydanticUserError, TypeError, ValueError):
+        return None
 
 
 def describe_pool(pool: str, graphs: list[Graph]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing_extensions import override
 from ..adapters.memory import InMemoryPersistence
 from ..engine import Engine
 from ..graph import NodeClass
-from ..messages import CancelCommand, StepEvent, TriggerCommand
+from ..messages import AnyMessage, StepEvent
 from ..records import Commit
 from .vbus import VirtualClock, VirtualTimeBus
 
@@ -54,7 +54,7 @@ class _CrashingBus(VirtualTimeBus):
         self.stepping = False  # set while the harness hands a delivery to the engine
 
     @override
-    async def publish(self, message: StepEvent | TriggerCommand | CancelCommand) -> None:
+    async def publish(self, message: AnyMessage) -> None:
         await super().publish(message)
         if self.stepping and isinstance(message, StepEvent):
             self.hook("after_publish", message.agent_id, message.step - 1)
@@ -164,7 +164,10 @@ class FaultHarness:
             if delivery is None:
                 if await self._all_final(store):
                     return await self._outcome(store), fired
-                # Nothing queued and agents unfinished: the reconciler's case.
+                if await engine.wake_once():  # parked agents that are due: timers, joins
+                    continue
+                # Nothing queued or due and agents unfinished: time passes (timers come due)
+                # and the reconciler runs. An agent waiting for a signal never finishes here.
                 clock.advance(engine.stall_after + self.lease_seconds)
                 await engine.sweep_once()
                 continue

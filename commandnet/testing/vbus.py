@@ -8,7 +8,7 @@ import itertools
 from typing_extensions import override
 
 from ..bus import Delivery, EventBus, Handler
-from ..messages import CancelCommand, StepEvent, TriggerCommand, encode
+from ..messages import AnyMessage, encode
 
 
 class VirtualClock:
@@ -69,7 +69,7 @@ class VirtualTimeBus(EventBus):
         self._seen: set[str] = set()
 
     @override
-    async def publish(self, message: StepEvent | TriggerCommand | CancelCommand) -> None:
+    async def publish(self, message: AnyMessage) -> None:
         if self.dedup and message.dedup_id in self._seen:
             return
         self._seen.add(message.dedup_id)

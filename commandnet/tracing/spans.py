@@ -27,7 +27,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 
 from ..bus import Delivery, Handler
-from ..messages import CancelCommand, StepEvent, TriggerCommand
+from ..messages import AnyMessage, StepEvent, TriggerCommand
 from . import trace_id_of
 
 __all__ = [
@@ -48,7 +48,7 @@ RECOVERY = "commandnet.recovery"
 DELIVERIES = "commandnet.delivery.count"
 SETTLED = "commandnet.delivery.settled"
 
-Message = StepEvent | TriggerCommand | CancelCommand
+Message = AnyMessage
 Plan = Literal["continue", "trigger", "recover", "plain"]
 
 _HANDLING = otel_context.create_key("commandnet.handling")
@@ -213,9 +213,9 @@ def plan(message: Message) -> Plan:
       API): a new trace, rooted in a ``trigger`` span;
     - ``recover``: any other step event (the outbox sweeper, the reconciler): the publisher
       looks up where the agent's trace left off and passes it to :func:`publishing`;
-    - ``plain``: a cancel: the caller's context, if any.
+    - ``plain``: a cancel, a signal or a resume: the caller's context, if any.
     """
-    if isinstance(message, CancelCommand):
+    if not isinstance(message, StepEvent | TriggerCommand):
         return "plain"
     if isinstance(message, TriggerCommand):
         return "trigger"

@@ -75,6 +75,8 @@ class Worker:
             outbox_grace=settings.outbox_grace,
             stall_after=settings.stall_after,
             reconcile_batch=settings.reconcile_batch,
+            wake_interval=settings.wake_interval,
+            node_grace=settings.node_grace,
         )
         self.metrics.bind(self.engine)
         self.resync = StatusResync(self.store, self.engine.pool, self.engine.owner, mirrors,

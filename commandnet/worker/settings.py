@@ -260,6 +260,15 @@ class WorkerSettings(ConnectionSettings):
     stall_after: float = Field(default=300.0, gt=0,
                                description="age of an unleased running agent before its step "
                                            "is re-published")
+    wake_interval: float = Field(default=0.5, gt=0,
+                                 description="seconds between this worker's looks for parked "
+                                             "agents that are due (timers, signal timeouts, "
+                                             "joins)")
+    node_grace: float = Field(default=600.0, ge=0,
+                              description="safe deploys: seconds a step at a node this worker's "
+                                          "graphs lack waits for a worker that has it (an old "
+                                          "pod of a rolling upgrade) before the agent fails "
+                                          "with reason NodeRemoved")
     status_flush_interval: float = Field(
         default=0.25, gt=0, description="seconds between writes of buffered statuses to the "
                                         "NATS KV status bucket (a status is written at most "

@@ -1,8 +1,9 @@
 """Admission: an Agent checked against its pool's published graph, without the graph's code.
 
 The graph document comes from the workers (:func:`commandnet.loading.describe_pool`): node
-names, edges, and the context model's JSON schema. A pool with no published graph is
-admitted, and the worker decides (the Agent then ends ``Failed`` with the reason).
+names, edges, the context model's JSON schema and each node's payload schema. A pool with
+no published graph is admitted, and the worker decides (the Agent then ends ``Failed`` with
+the reason).
 
 The context is checked against the JSON schema, which is what Pydantic's strict JSON mode
 accepts: a value the worker would coerce (``"1"`` for an integer field) is refused here.
@@ -27,23 +28,28 @@ class Refused(Exception):
         self.reason = reason
 
 
-def context_size(context: dict[str, Any]) -> int:
-    """Bytes of the context as compact JSON (what the bus and the store carry)."""
+def context_size(context: Any) -> int:
+    """Bytes of the context (or a payload) as compact JSON (what the bus and the store
+    carry)."""
     return len(json.dumps(context, separators=(",", ":")).encode())
 
 
-def check_size(context: dict[str, Any]) -> None:
-    """Refuse a context over :data:`MAX_CONTEXT_BYTES`."""
+def check_size(context: Any, where: str = "spec.context", reason: str = "ContextTooLarge"
+               ) -> None:
+    """Refuse a context (or the JSON value at ``where``) over :data:`MAX_CONTEXT_BYTES`."""
     size = context_size(context)
     if size > MAX_CONTEXT_BYTES:
-        raise Refused("ContextTooLarge",
-                      f"spec.context is {size} bytes as JSON; the limit is {MAX_CONTEXT_BYTES}")
+        raise Refused(reason, f"{where} is {size} bytes as JSON; the limit is "
+                              f"{MAX_CONTEXT_BYTES}")
 
 
 def check_agent(spec: dict[str, Any], graph: dict[str, Any] | None) -> None:
     """Refuse (:class:`Refused`) an Agent spec its pool's graph cannot run."""
     context = spec.get("context") or {}
     check_size(context)
+    check_size(spec.get("payload"), "spec.payload", "PayloadTooLarge")
+    for i, entry in enumerate(spec.get("signals") or []):
+        check_size(entry.get("payload"), f"spec.signals[{i}].payload", "PayloadTooLarge")
     if graph is None:
         return
     pool = spec.get("pool", "default")
@@ -62,3 +68,18 @@ def check_agent(spec: dict[str, Any], graph: dict[str, Any] | None) -> None:
         raise Refused("InvalidContext",
                       f"{where}: {error.message} (the context of node {node!r} must validate "
                       f"as {entry.get('context_model', 'the graph context')})")
+    payloads = entry.get("payloads")
+    if payloads is None:
+        return  # a graph document from before payload schemas: the worker checks
+    payload_schema = payloads.get(node)
+    payload = spec.get("payload")
+    if payload_schema is None:
+        return  # the node declares no payload type: it gets the JSON as it is
+    error = best_match(Draft202012Validator(payload_schema).iter_errors(payload))
+    if error is not None:
+        where = "".join(["spec.payload", *(f".{p}" if isinstance(p, str) else f"[{p}]"
+                                           for p in error.absolute_path)])
+        kind = payload_schema.get("title", "its payload type")
+        raise Refused("InvalidPayload",
+                      f"{where}: {error.message} (the payload of node {node!r} must validate "
+                      f"as {kind})")

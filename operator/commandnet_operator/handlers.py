@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -28,12 +30,13 @@ from kubernetes_asyncio.client import Configuration as KubeConfiguration
 from commandnet.messages import CancelCommand, TriggerCommand
 
 from .admission import Refused, check_agent, check_size
+from .commands import decide, due, handled, not_applied, resume_in_flight, resume_overdue
 from .kube import Kube, api_message, connection_info
 from .link import BusLink, NotSent
 from .metrics import COMMANDS, PATCHES, STATUS_LAG, TRACKED, WEBHOOK
 from .resource import GROUP, PLURAL, VERSION, Phase, agent_id
 from .settings import OperatorSettings
-from .status import FAILED, TRIGGERED, changed, merge, now, set_condition, with_bus
+from .status import FAILED, RESUMED, TRIGGERED, changed, merge, now, set_condition, with_bus
 from .webhook import webhook_server
 
 registry = kopf.OperatorRegistry()
@@ -50,11 +53,15 @@ class Operator:
     link: BusLink
     kube: Kube
     limiter: AsyncLimiter
+    #: Agent id -> who follows it now: None for kopf's daemon, a Follower for ours.
+    followers: dict[str, Any] = field(default_factory=dict)
+    #: Agent id -> (signals, resumes) handled by this process: never sent twice.
+    progress: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class NoDiffBase(kopf.DiffBaseStorage):
-    """No diff base: an Agent's spec never changes (CEL refuses it), and storing one would
-    cost an API write per Agent."""
+    """No diff base: no handler needs one (an Agent's spec only grows, by signals and resumes,
+    which a watch handler sees), and storing one would cost an API write per Agent."""
 
     def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
         """Nothing stored."""
@@ -98,7 +105,12 @@ async def configure(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> Non
 
 @kopf.on.cleanup(registry=registry)
 async def shut_down(memo: Any, **_: Any) -> None:
-    """Disconnect from NATS and the API server."""
+    """Stop the followers; disconnect from NATS and the API server."""
+    ours = [f for f in memo.followers.values() if isinstance(f, Follower)]
+    for follower in ours:
+        follower.stopped.set()
+    await asyncio.gather(*(f.task for f in ours if f.task is not None),
+                         return_exceptions=True)
     await memo.link.stop()
     await memo.kube.close()
 
@@ -141,25 +153,75 @@ async def run_agent(stopped: kopf.DaemonStopped, spec: kopf.Spec, body: kopf.Bod
                     meta: kopf.Meta, namespace: str | None, name: str, uid: str, memo: Any,
                     logger: Logger, **_: Any) -> None:
     """An unfinished Agent's life: send its trigger (until NATS takes it), then keep its status
-    current from the bucket, each burst of changes in one rate-limited patch.
+    current from the bucket, each burst of changes in one rate-limited patch, and send its
+    signals and resumes (:mod:`.commands`) as they are appended.
 
-    What is sent but not yet written waits for the coalescing window: an agent that finishes
-    within it goes from no phase to its final one in one write.
+    A finished Agent has nothing to follow: its daemon returns at once, and a resume (or
+    signal) appended later starts a follower of its own (:func:`watch_commands`).
     """
     shown: dict[str, Any] = dict(body.get("status") or {})
     phase = _phase(shown)
-    if phase is not None and phase.finished:
-        return
     aid = agent_id(namespace or "", name, uid)
-    generation = int(meta.get("generation") or 1)
+    if (phase is not None and phase.finished) or aid in memo.followers:
+        return
+    await _follow(stopped, lambda: body, (namespace or "", name, uid), memo, logger)
+
+
+class Stopped:
+    """A follower's stop flag, as kopf's ``DaemonStopped`` is a daemon's."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def __bool__(self) -> bool:
+        return self._event.is_set()
+
+    def set(self) -> None:
+        """Ask the follower to stop."""
+        self._event.set()
+
+    async def wait(self, timeout: float | None = None) -> None:
+        """Sleep ``timeout`` seconds, or until stopped."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event.wait(), timeout)
+
+
+@dataclass
+class Follower:
+    """A finished Agent followed again (a resume or a signal was appended): the latest body
+    the watch showed, and how to stop it."""
+
+    body: dict[str, Any]
+    stopped: Stopped
+    task: asyncio.Task[None] | None = None
+
+
+async def _follow(stopped: Any, body_of: Callable[[], Mapping[str, Any]],
+                  ref: tuple[str, str, str], memo: Any, logger: Logger) -> None:
+    """Trigger (if not yet), then follow the bucket and the spec (``body_of()``: the Agent as
+    last seen) until the agent is finished with nothing in flight. What is sent but not yet
+    written waits for the coalescing window: an agent that finishes within it goes from no
+    phase to its final one in one write."""
+    namespace, name, uid = ref
+    aid = agent_id(*ref)
+
+    def spec_of() -> Mapping[str, Any]:
+        return body_of().get("spec") or {}
+
+    def generation_of() -> int:
+        return int((body_of().get("metadata") or {}).get("generation") or 1)
+
+    generation = generation_of()
+    shown: dict[str, Any] = dict(body_of().get("status") or {})
+    held = shown
+    memo.followers.setdefault(aid, None)  # None: kopf's daemon (a Follower: ours)
     board = memo.link.board
     changes = board.watch(aid)
     TRACKED.inc()
     try:
-        held = shown
-        if phase is None:
-            sent = await _trigger(stopped, spec, shown, (namespace or "", name, uid), generation,
-                                  memo, logger)
+        held = _known(memo, aid, shown)
+        if _phase(shown) is None:
+            sent = await _trigger(stopped, spec_of(), shown, ref, generation, memo, logger)
             if sent is None:
                 return  # stopped before NATS took it
             held = sent
@@ -169,37 +231,151 @@ async def run_agent(stopped: kopf.DaemonStopped, spec: kopf.Spec, body: kopf.Bod
         while not stopped:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changes.wait(), timeout=1.0)  # and look at `stopped`
-            if not changes.is_set():
+            if not changes.is_set() and not resume_overdue(held) and not _actionable(
+                    memo, spec_of(), held, aid):
                 continue
             # At most one patch per window: a change after a quiet spell goes at once, a
             # burst waits for the rest of the window and goes as one.
             await asyncio.sleep(max(0.0, last + window - time.monotonic()))
             async with memo.limiter:  # under pressure, later changes join this patch
                 changes.clear()
+                generation = generation_of()  # signals and resumes appended: it grows
                 value = board.values.get(aid)
                 new = merge(held, value, generation) if value else held
                 new = with_bus(new, memo.link.available)
+                new, events, retry = await _commands(memo, spec_of(), new, aid, generation,
+                                                     logger)
+                _remember(memo, aid, new)
                 delta = changed(shown, new)
-                written = not delta or await _patch(memo, namespace or "", name, uid, delta,
-                                                    logger)
+                written = not delta or await _patch(memo, namespace, name, uid, delta, logger)
+            if retry:
+                changes.set()  # NATS refused a command: again after the next window
             if not written:
                 held, last = new, time.monotonic()
                 changes.set()  # try again after the next window
                 continue
             if value is not None and delta.get("step") is not None:
                 STATUS_LAG.observe(_age(value))
+            for kind, reason, message in events:
+                await _post_event(memo, body_of(), kind, reason, message, logger)
             if new.get("phase") != shown.get("phase"):
-                await _announce(memo, body, spec, new, logger)
+                await _announce(memo, body_of(), spec_of(), new, logger)
             shown = held = new
             last = time.monotonic()
-            if Phase(new["phase"]).finished:
-                return
+            if Phase(new["phase"]).finished and not resume_in_flight(new) and not retry \
+                    and not _actionable(memo, spec_of(), new, aid):
+                break
     finally:
         TRACKED.dec()
         board.unwatch(aid)
+        memo.followers.pop(aid, None)
+    # An entry appended as it returned found it still here and poked it in vain: follow again.
+    if not stopped and _actionable(memo, spec_of(), _known(memo, aid, held), aid):
+        _spawn(memo, {**body_of(), "status": held}, ref, logger)
 
 
-async def _trigger(stopped: kopf.DaemonStopped, spec: kopf.Spec, shown: dict[str, Any],
+def _actionable(memo: Any, spec: Mapping[str, Any], status: Mapping[str, Any],
+                aid: str) -> bool:
+    """Whether an entry of spec.signals or spec.resumes can be handled now (the spec is live:
+    a look each second, should a watch event's wake-up be missed)."""
+    if not due(spec, status):
+        return False
+    graph = memo.link.graph(str(spec.get("pool", "default")))
+    return decide(spec, status, aid, graph) is not None
+
+
+def _known(memo: Any, aid: str, status: dict[str, Any]) -> dict[str, Any]:
+    """``status`` with the entries this process handled already counted (a watch event older
+    than the operator's last patch may start a follower: it must not send them again)."""
+    signals, resumes = memo.progress.get(aid, (0, 0))
+    if signals <= int(status.get("signalsSent") or 0) and \
+            resumes <= int(status.get("resumesHandled") or 0):
+        return status
+    return {**status, "signalsSent": max(signals, int(status.get("signalsSent") or 0)),
+            "resumesHandled": max(resumes, int(status.get("resumesHandled") or 0))}
+
+
+def _remember(memo: Any, aid: str, status: dict[str, Any]) -> None:
+    counts = (int(status.get("signalsSent") or 0), int(status.get("resumesHandled") or 0))
+    if counts != (0, 0):
+        memo.progress[aid] = counts
+
+
+async def _commands(memo: Any, spec: Mapping[str, Any], status: dict[str, Any], aid: str,
+                    generation: int, logger: Logger
+                    ) -> tuple[dict[str, Any], list[tuple[str, str, str]], bool]:
+    """Send (or refuse) the signals and resumes that are due; returns the status after, the
+    Events to post once it is written, and whether to try again (NATS refused a command)."""
+    events: list[tuple[str, str, str]] = []
+    if resume_overdue(status):
+        status = not_applied(status, generation)
+        events.append(("Warning", "ResumeNotApplied",
+                       next(c["message"] for c in status["conditions"]
+                            if c["type"] == RESUMED)))
+    pool = str(spec.get("pool", "default"))
+    while (decision := decide(spec, status, aid, memo.link.graph(pool))) is not None:
+        if decision.command is not None:
+            try:
+                await memo.link.send(pool, decision.command)
+            except NotSent as exc:
+                COMMANDS.labels(decision.kind, exc.reason).inc()
+                logger.warning("%s of agent %r not sent: %s", decision.kind, aid, exc)
+                return status, events, True
+            COMMANDS.labels(decision.kind, "Sent").inc()
+        else:
+            COMMANDS.labels(decision.kind, decision.reason).inc()
+        logger.info("%s", decision.message)
+        status = {**handled(status, decision, generation), "observedGeneration": generation}
+        events.append(decision.event)
+    return status, events, False
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="commands")
+async def watch_commands(event: kopf.RawEvent, body: kopf.Body, spec: kopf.Spec,
+                         meta: kopf.Meta, namespace: str | None, name: str, uid: str,
+                         memo: Any, logger: Logger, **_: Any) -> None:
+    """A new spec.signals or spec.resumes entry: wake the Agent's follower; a finished Agent
+    has none (its daemon returned), so start one. No API call unless an entry is due."""
+    aid = agent_id(namespace or "", name, uid)
+    if event.get("type") == "DELETED" or meta.get("deletionTimestamp"):
+        memo.progress.pop(aid, None)
+        follower = memo.followers.get(aid)
+        if follower is not None:
+            follower.stopped.set()
+        return
+    status = _known(memo, aid, dict(body.get("status") or {}))
+    follower = memo.followers.get(aid)
+    if isinstance(follower, Follower):
+        follower.body = dict(body)
+    if not due(spec, status):
+        return
+    if aid in memo.followers:
+        memo.link.board.poke(aid)
+        return
+    phase = _phase(status)
+    if phase is None or not phase.finished:
+        return  # kopf's daemon follows it (and looks at the spec when it starts)
+    _spawn(memo, body, (namespace or "", name, uid), logger)
+
+
+def _spawn(memo: Any, body: Mapping[str, Any], ref: tuple[str, str, str],
+           logger: Logger) -> None:
+    """Follow a finished Agent again, in a task of ours (its kopf daemon has returned)."""
+    ours = Follower(body=copy.deepcopy(dict(body)), stopped=Stopped())
+    memo.followers[agent_id(*ref)] = ours
+    ours.task = asyncio.create_task(_follow_again(ours, ref, memo, logger),
+                                    name=f"commandnet-follow-{agent_id(*ref)}")
+
+
+async def _follow_again(ours: Follower, ref: tuple[str, str, str], memo: Any,
+                        logger: Logger) -> None:
+    try:
+        await _follow(ours.stopped, lambda: ours.body, ref, memo, logger)
+    except Exception:  # logged; the next watch event starts another
+        logger.exception("following agent %r failed", agent_id(*ref))
+
+
+async def _trigger(stopped: Any, spec: Mapping[str, Any], shown: dict[str, Any],
                    ref: tuple[str, str, str], generation: int, memo: Any, logger: Logger
                    ) -> dict[str, Any] | None:
     """Send the trigger command (idempotent per Agent: JetStream de-duplicates it and the store
@@ -209,16 +385,18 @@ async def _trigger(stopped: kopf.DaemonStopped, spec: kopf.Spec, shown: dict[str
     pool = str(spec.get("pool", "default"))
     start = str(spec["startNode"])
     context = dict(spec.get("context") or {})
+    payload = spec.get("payload")
     conditions = list(shown.get("conditions") or [])
     base = {**shown, "agentId": aid, "observedGeneration": generation}
     try:
         check_size(context)  # the webhook may have been bypassed (failurePolicy Ignore)
+        check_size(payload, "spec.payload", "PayloadTooLarge")
     except Refused as exc:
         failed = set_condition(conditions, TRIGGERED, "False", exc.reason, str(exc), generation)
         return {**base, "phase": Phase.FAILED.value, "error": str(exc), "completionTime": now(),
                 "conditions": set_condition(failed, FAILED, "True", exc.reason, str(exc),
                                             generation)}
-    command = TriggerCommand(agent_id=aid, start_node=start, context=context)
+    command = TriggerCommand(agent_id=aid, start_node=start, context=context, payload=payload)
     said = ""
     while not stopped:
         try:
@@ -271,8 +449,8 @@ def _age(value: dict[str, Any]) -> float:
     return max(0.0, (datetime.now(UTC) - written).total_seconds())
 
 
-async def _announce(memo: Any, body: kopf.Body, spec: kopf.Spec, status: dict[str, Any],
-                    logger: Logger) -> None:
+async def _announce(memo: Any, body: Mapping[str, Any], spec: Mapping[str, Any],
+                    status: dict[str, Any], logger: Logger) -> None:
     """An Event per phase the Agent shows: ``kubectl describe agent`` tells the story. Posted
     and awaited here (kopf's own queue posts in the background and may drop one)."""
     phase = Phase(status["phase"])
@@ -292,7 +470,7 @@ async def _announce(memo: Any, body: kopf.Body, spec: kopf.Spec, status: dict[st
                       message, logger)
 
 
-async def _post_event(memo: Any, body: kopf.Body, kind: str, reason: str, message: str,
+async def _post_event(memo: Any, body: Mapping[str, Any], kind: str, reason: str, message: str,
                       logger: Logger) -> None:
     """Post an Event; a failure is logged, never fatal (Events help, the status is the truth)."""
     for delay in (0.5, 1.0, 2.0, None):

@@ -19,13 +19,20 @@ from commandnet.adapters.connection import server_address
 from commandnet.adapters.nats_graphs import GraphCatalog
 from commandnet.adapters.nats_status import StatusReader
 from commandnet.errors import CommandNetError
-from commandnet.messages import CancelCommand, TriggerCommand, encode
+from commandnet.messages import (
+    CancelCommand,
+    ResumeCommand,
+    SignalCommand,
+    TriggerCommand,
+    encode,
+)
 from commandnet.tracing import active as tracing_active
 
 from .metrics import BUS_UP
 from .settings import OperatorSettings
 
 log = logging.getLogger("commandnet.operator")
+Command = TriggerCommand | CancelCommand | SignalCommand | ResumeCommand
 
 
 class NotSent(Exception):
@@ -77,6 +84,14 @@ class StatusBoard:
         """Stop watching ``agent_id`` and forget its value (its Agent is finished or gone)."""
         self._events.pop(agent_id, None)
         self.values.pop(agent_id, None)
+
+    def poke(self, agent_id: str) -> bool:
+        """Wake the watcher of ``agent_id`` (its spec changed); False when nobody watches."""
+        event = self._events.get(agent_id)
+        if event is None:
+            return False
+        event.set()
+        return True
 
     def wake_all(self) -> None:
         """Wake every watcher (the bus went away or came back)."""
@@ -162,7 +177,7 @@ class BusLink:
         """The pool's published graph, or None (none published, or not connected yet)."""
         return self.catalog.get(pool) if self.catalog is not None else None
 
-    async def send(self, pool: str, command: TriggerCommand | CancelCommand) -> str | None:
+    async def send(self, pool: str, command: Command) -> str | None:
         """Publish a command to ``pool``; :class:`NotSent` says why not. While tracing is on,
         a trigger is the root span of the agent's trace, whose id is returned (else None)."""
         nc = self.reader.nc
@@ -180,7 +195,7 @@ class BusLink:
                                                                      TriggerCommand) else None
 
     @staticmethod
-    async def _publish(nc: Any, subject: str, command: TriggerCommand | CancelCommand,
+    async def _publish(nc: Any, subject: str, command: Command,
                        headers: dict[str, str]) -> None:
         pool = subject.split(".")[1]
         try:

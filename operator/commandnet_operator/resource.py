@@ -31,15 +31,52 @@ HISTORY_LIMIT = 10
 #: ``status.error`` is cut to this many characters (the store keeps the whole error).
 ERROR_LIMIT = 2048
 POOL_PATTERN = r"^[A-Za-z0-9_-]+$"
+#: Entries ``spec.signals`` and ``spec.resumes`` may hold (each list may only grow).
+MAX_SIGNALS = 100
+MAX_RESUMES = 20
+#: An entry's id: what makes a resent signal or resume harmless (a DNS label's alphabet).
+ENTRY_ID_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?$"
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+class Signal(_Model):
+    """A signal for the agent, sent by the operator once the agent runs: a node waiting for
+    its name receives its payload (a signal sent before the wait is kept until then)."""
+
+    id: str = Field(
+        min_length=1, max_length=63, pattern=ENTRY_ID_PATTERN,
+        description="Unique in spec.signals: the signal's id, so a resent signal is applied "
+                    "once.")
+    name: str = Field(min_length=1, max_length=253,
+                      description="The signal's name, as the waiting node names it.")
+    payload: dict[str, Any] | None = Field(
+        default=None,
+        description="A JSON object: the payload the node that receives the signal gets "
+                    "(validated by its declared type, Node[Ctx, Payload]). At most "
+                    f"{MAX_CONTEXT_BYTES // 1024} KiB as JSON.")
+
+
+class Resume(_Model):
+    """A request to run a Failed or Cancelled agent again from a node of its graph. Sent only
+    when the Agent is Failed or Cancelled; otherwise refused (condition Resumed=False)."""
+
+    id: str = Field(min_length=1, max_length=63, pattern=ENTRY_ID_PATTERN,
+                    description="Unique in spec.resumes: the request's id.")
+    fromNode: str = Field(min_length=1, max_length=253,
+                          description="The node to run again from: a node of the agent's graph.")
+    contextPatch: dict[str, Any] | None = Field(
+        default=None,
+        description="A JSON merge patch (RFC 7396) applied to the agent's context before it "
+                    "runs again; the result must validate as the graph's context model.")
+
+
 class AgentSpec(_Model):
-    """What to run: a start node of a pool's graph, and the context it starts with. Immutable
-    after creation: delete the Agent (which cancels it) and create another."""
+    """What to run: a start node of a pool's graph, the context it starts with, and, added
+    later, signals for it and requests to resume it. Immutable after creation except that
+    signals and resumes may grow: delete the Agent (which cancels it) and create another."""
 
     startNode: str = Field(
         min_length=1, max_length=253,
@@ -57,11 +94,27 @@ class AgentSpec(_Model):
                     "JSON schema and names the field at fault). At most "
                     f"{MAX_CONTEXT_PROPERTIES} top-level keys and {MAX_CONTEXT_BYTES // 1024} "
                     "KiB as JSON.")
+    payload: dict[str, Any] | None = Field(
+        default=None,
+        description="A JSON object: the payload of the start node (Node[Ctx, Payload]), sent "
+                    "with the trigger. The webhook checks it against the node's published "
+                    "payload schema and names the field at fault. At most "
+                    f"{MAX_CONTEXT_BYTES // 1024} KiB as JSON.")
     ttlSecondsAfterFinished: int | None = Field(
         default=None, ge=0,
         description="Seconds after the agent finishes (Succeeded, Failed or Cancelled) when the "
                     "operator deletes this Agent, as for Jobs. Unset: the Agent is kept. Its "
                     "history stays in the store either way.")
+    signals: list[Signal] = Field(
+        default=[], max_length=MAX_SIGNALS,
+        description="Signals for the agent, sent in order once it runs. Append only (kubectl "
+                    "patch --type=json, op add, path /spec/signals/-): an entry is never "
+                    "changed or removed.")
+    resumes: list[Resume] = Field(
+        default=[], max_length=MAX_RESUMES,
+        description="Requests to resume the agent from a node, handled in order: sent when the "
+                    "Agent is Failed or Cancelled, refused otherwise (condition Resumed). "
+                    "Append only, like signals.")
 
 
 class Phase(StrEnum):
@@ -82,10 +135,12 @@ class Phase(StrEnum):
 class Condition(_Model):
     """One aspect of the agent's state, as Kubernetes conditions are (keyed by type)."""
 
-    type: str = Field(description="Triggered, Complete, Failed or BusAvailable.")
+    type: str = Field(description="Triggered, Running, Complete, Failed, Signalled, Resumed or "
+                                  "BusAvailable.")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(description="Why, in CamelCase (for example TriggerSent, UnknownNode, "
-                                    "InvalidContext, NodeFailed, WorkerDied, BusUnavailable).")
+                                    "InvalidContext, NodeFailed, WorkerDied, BusUnavailable, "
+                                    "SignalSent, ResumeSent, NotFinished).")
     message: str = Field(default="", description="Why, for people.")
     lastTransitionTime: datetime = Field(description="When status last changed.")
     observedGeneration: int | None = Field(default=None,
@@ -127,6 +182,13 @@ class AgentStatus(_Model):
                               description=f"The failure, cut to {ERROR_LIMIT} characters.")
     conditions: list[Condition] = Field(default_factory=list,
                                         description="Machine-readable state, keyed by type.")
+    signalsSent: int | None = Field(
+        default=None, ge=0,
+        description="How many spec.signals entries the operator has handled (sent, or refused "
+                    "because the agent had finished): the next one to send is this index.")
+    resumesHandled: int | None = Field(
+        default=None, ge=0,
+        description="How many spec.resumes entries the operator has handled (sent or refused).")
     history: list[Transition] = Field(
         default_factory=list, max_length=HISTORY_LIMIT,
         description=f"The last {HISTORY_LIMIT} transitions seen (the store keeps them all).")

@@ -15,9 +15,10 @@ from commandnet.tracing import trace_id_of
 from .resource import ERROR_LIMIT, HISTORY_LIMIT, Phase
 
 #: Condition types, in the order they are listed.
-TRIGGERED, RUNNING, COMPLETE, FAILED, BUS = (
-    "Triggered", "Running", "Complete", "Failed", "BusAvailable")
-_ORDER = {kind: i for i, kind in enumerate((TRIGGERED, RUNNING, COMPLETE, FAILED, BUS))}
+TRIGGERED, RUNNING, COMPLETE, FAILED, SIGNALLED, RESUMED, BUS = (
+    "Triggered", "Running", "Complete", "Failed", "Signalled", "Resumed", "BusAvailable")
+_ORDER = {kind: i for i, kind in enumerate((TRIGGERED, RUNNING, COMPLETE, FAILED, SIGNALLED,
+                                            RESUMED, BUS))}
 
 
 def now() -> str:
@@ -63,14 +64,16 @@ def merge(status: dict[str, Any], value: dict[str, Any], generation: int | None
     """The Agent status after bucket value ``value``; ``status`` when it says nothing new.
 
     A value older than what the status shows (an earlier step, or running after finished)
-    is ignored: the bucket never moves back, and neither does the Agent.
+    is ignored: the bucket never moves back, and neither does the Agent. A finished agent
+    moves on only at a later step: it was resumed (the resume is a step of its own).
     """
     phase = phase_of(value)
     step = int(value.get("step", 0))
     node = str(value.get("node") or "")
     shown = Phase(status["phase"]) if status.get("phase") else Phase.PENDING
     shown_step = int(status.get("step") or 0)
-    if shown.finished or (step, phase.finished) < (shown_step, False):
+    resumed = shown.finished and step > shown_step
+    if (shown.finished and not resumed) or (step, phase.finished) < (shown_step, False):
         return status
     # The trace the workers record with the status (tracing on) is the agent's real one: it
     # replaces the id the operator took from its own trigger span (docs/tracing.md).
@@ -85,11 +88,19 @@ def merge(status: dict[str, Any], value: dict[str, Any], generation: int | None
         new["traceId"] = trace_id
     if generation is not None:
         new["observedGeneration"] = generation
+    conditions = list(status.get("conditions") or [])
+    if resumed:  # the story goes on: the last ending is history (the store keeps it)
+        new.update(completionTime=None, error=None)
+        message = f"resumed at node {node}, step {step}"
+        if any(c.get("type") == FAILED for c in conditions):
+            conditions = set_condition(conditions, FAILED, "False", "Resumed", message,
+                                       generation, at)
+        conditions = set_condition(conditions, RESUMED, "True", "Resumed", message, generation,
+                                   at)
     history = list(status.get("history") or [])
     if not history or history[-1].get("step") != step or history[-1].get("phase") != phase:
         history.append({"step": step, "node": node, "phase": phase.value, "time": at})
     new["history"] = history[-HISTORY_LIMIT:]
-    conditions = list(status.get("conditions") or [])
     if phase is Phase.RUNNING:
         conditions = set_condition(conditions, RUNNING, "True", "NodeRunning",
                                    f"at node {node}, step {step}", generation, at)

@@ -1,0 +1,1 @@
+"""The engine's caller-facing actions (see :mod:`commandnet.api.actions`)."""

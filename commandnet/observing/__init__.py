@@ -1,0 +1,1 @@
+"""How the engine tells observers what happened (see :mod:`commandnet.observing.fanout`)."""
