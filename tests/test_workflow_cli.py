@@ -99,21 +99,39 @@ def test_a_timer_survives_the_sigkill_of_every_worker(
         tmp_path: Path, nats_url: str, postgres_dsn: str, pool: str) -> None:
     procs = workers(2, tmp_path, pool, nats_url, postgres_dsn)
     opts = {"pool": pool, "nats_url": nats_url, "tmp_path": tmp_path}
+    ids = [f"n{i}" for i in range(3)]
     try:
-        for i in range(5):
-            cli("trigger", f"n{i}", "--node", "Nap", "--context", '{"sleep_for": 20}', **opts)
-        for i in range(5):
-            wait_parked_at(f"n{i}", "Woke", pool, nats_url)
+        for agent_id in ids:
+            cli("trigger", agent_id, "--node", "Nap", "--context", '{"sleep_for": 30}', **opts)
+        # Read from the store (fast): a busy machine must not let the timers run out first.
+        wait_until(lambda: asyncio.run(parked_count(ids, "Woke", postgres_dsn)) == len(ids), 60,
+                   "every agent to be parked on its timer")
         for proc in procs:
             proc.proc.kill()
             proc.stop()
         procs = workers(1, tmp_path, pool, nats_url, postgres_dsn)
-        for i in range(5):
-            found = wait_status(f"n{i}", pool, nats_url, "succeeded")
+        for agent_id in ids:
+            found = wait_status(agent_id, pool, nats_url, "succeeded")
             assert found["step"] == 2, found
+            rec, history = asyncio.run(stored(agent_id, postgres_dsn))
+            assert rec.context["log"] == ["nap", "woke"]
+            assert history[1].at - history[0].at >= 30  # not before its time
     finally:
         for proc in procs:
             proc.stop()
+
+
+async def parked_count(ids: list[str], node: str, dsn: str) -> int:
+    """How many of ``ids`` are parked at ``node`` (a timer, a signal wait or a join)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        count: int = await conn.fetchval(
+            "SELECT count(*) FROM agents WHERE agent_id = ANY($1::text[]) AND node = $2 AND "
+            "(wake_at IS NOT NULL OR waiting_signal IS NOT NULL OR joining IS NOT NULL)",
+            ids, node)
+        return count
+    finally:
+        await conn.close()
 
 
 def test_a_fan_out_across_workers_joins_once_through_the_sigkill_of_one(
@@ -124,9 +142,10 @@ def test_a_fan_out_across_workers_joins_once_through_the_sigkill_of_one(
     n = 120
     try:
         cli("trigger", "fan", "--node", "Split", "--context",
-            f'{{"branches": {n}, "step_time": 4, "policy": "collect"}}', **opts)
-        wait_parked_at("fan", "Gather", pool, nats_url)
-        procs[0].proc.kill()  # holding some of the branches, each 4 s long
+            f'{{"branches": {n}, "step_time": 8, "policy": "collect"}}', **opts)
+        wait_until(lambda: asyncio.run(parked_count(["fan"], "Gather", postgres_dsn)) == 1, 60,
+                   "the parent to wait at its join")
+        procs[0].proc.kill()  # holding some of the branches, each 8 s long
         procs[0].stop()
         assert asyncio.run(ended_branches("fan", postgres_dsn)) < n  # killed in the middle
         procs.append(workers(1, tmp_path, pool, nats_url, postgres_dsn, *fast)[0])
