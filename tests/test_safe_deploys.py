@@ -80,35 +80,36 @@ def test_new_workers_hand_a_removed_node_back_until_an_old_worker_takes_it(
     procs = [old]
     try:
         for i in range(4):
-            trigger(f"a{i}", pool, nats_url)
+            trigger(f"{pool}-a{i}", pool, nats_url)
         for i in range(4):
-            parked_at_hold(f"a{i}", pool, nats_url)
-        assert asyncio.run(stored("a0", postgres_dsn))[1] == V1
+            parked_at_hold(f"{pool}-a{i}", pool, nats_url)
+        assert asyncio.run(stored(f"{pool}-a0", postgres_dsn))[1] == V1
         # The upgrade: the new worker starts, the old one is gone, then the signals come.
         new = worker(2, tmp_path, pool, nats_url, postgres_dsn, "--node-grace", "300")
         procs.append(new)
         old.terminate()
         assert old.wait(60) == 0
         for i in range(4):
-            go(f"a{i}", pool, nats_url)
+            go(f"{pool}-a{i}", pool, nats_url)
         wait_until(lambda: "which this worker's graphs lack" in new.log, 60,
                    "the new worker to hand a step at Hold back")
         for i in range(4):
-            assert status_of(f"a{i}", pool, nats_url)["status"] == "running"  # type: ignore[index]
+            assert status_of(f"{pool}-a{i}", pool, nats_url)["status"] == "running"  # type: ignore[index]
         # An old pod (still draining in a real rollout) takes the steps the new one lacks.
         draining = worker(1, tmp_path, pool, nats_url, postgres_dsn)
         procs.append(draining)
         for i in range(4):
-            wait_status(f"a{i}", pool, nats_url, "succeeded")
-            log, _, history = asyncio.run(stored(f"a{i}", postgres_dsn))
+            wait_status(f"{pool}-a{i}", pool, nats_url, "succeeded")
+            log, _, history = asyncio.run(stored(f"{pool}-a{i}", postgres_dsn))
             assert log[:2] == ["start:v1", "hold:v1"] and log[2] in ("done:v1", "done:v2")
             assert history == ["Start", "Hold", "Done"]
         draining.terminate()
         assert draining.wait(60) == 0
         # New agents run the new graph; Start and Done are the renamed classes' stable names.
-        trigger("fresh", pool, nats_url)
-        wait_status("fresh", pool, nats_url, "succeeded")
-        assert asyncio.run(stored("fresh", postgres_dsn))[:2] == (["start:v2", "done:v2"], V2)
+        fresh = f"{pool}-fresh"
+        trigger(fresh, pool, nats_url)
+        wait_status(fresh, pool, nats_url, "succeeded")
+        assert asyncio.run(stored(fresh, postgres_dsn))[:2] == (["start:v2", "done:v2"], V2)
     finally:
         for proc in procs:
             proc.stop()
@@ -120,17 +121,17 @@ def test_with_no_old_worker_left_the_agent_fails_naming_the_node_and_both_versio
     old = worker(1, tmp_path, pool, nats_url, postgres_dsn)
     procs = [old]
     try:
-        trigger("b0", pool, nats_url)
-        parked_at_hold("b0", pool, nats_url)
+        trigger(f"{pool}-b0", pool, nats_url)
+        parked_at_hold(f"{pool}-b0", pool, nats_url)
         old.terminate()
         assert old.wait(60) == 0
         procs.append(worker(2, tmp_path, pool, nats_url, postgres_dsn, "--node-grace", "4"))
-        go("b0", pool, nats_url)
-        failed = wait_status("b0", pool, nats_url, "failed")
+        go(f"{pool}-b0", pool, nats_url)
+        failed = wait_status(f"{pool}-b0", pool, nats_url, "failed")
         assert failed["reason"] == "NodeRemoved", failed
-        assert failed["error"].startswith("node 'Hold' was removed: agent 'b0'"), failed
+        assert failed["error"].startswith(f"node 'Hold' was removed: agent '{pool}-b0'"), failed
         assert V1[:12] in failed["error"] and V2[:12] in failed["error"], failed
-        assert asyncio.run(stored("b0", postgres_dsn))[2] == ["Start"]  # Hold never ran
+        assert asyncio.run(stored(f"{pool}-b0", postgres_dsn))[2] == ["Start"]  # Hold never ran
     finally:
         for proc in procs:
             proc.stop()

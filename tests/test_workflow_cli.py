@@ -65,20 +65,23 @@ def test_payload_signal_failure_and_resume_from_the_cli(
         tmp_path: Path, nats_url: str, postgres_dsn: str, pool: str) -> None:
     procs = workers(2, tmp_path, pool, nats_url, postgres_dsn)
     opts = {"pool": pool, "nats_url": nats_url, "tmp_path": tmp_path}
+    # Ids of this test's own: step events' de-dup ids name the agent, not the pool, and every
+    # test shares one NATS (one work stream for all pools), while each has its own database.
+    o1, o2 = f"{pool}-o1", f"{pool}-o2"
     try:
-        cli("trigger", "o1", "--node", "TakeOrder", "--context", '{"fail_at": "Charge"}',
+        cli("trigger", o1, "--node", "TakeOrder", "--context", '{"fail_at": "Charge"}',
             "--payload", '{"amount": 12}', **opts)
-        wait_parked_at("o1", "Approved", pool, nats_url)
-        sent = cli("signal", "o1", "approval", "--payload", '{"by": "ana"}', "--id", "s-1",
+        wait_parked_at(o1, "Approved", pool, nats_url)
+        sent = cli("signal", o1, "approval", "--payload", '{"by": "ana"}', "--id", "s-1",
                    **opts)
         assert "s-1" in sent
-        cli("signal", "o1", "approval", "--payload", '{"by": "mallory"}', "--id", "s-1", **opts)
-        failed = wait_status("o1", pool, nats_url, "failed")
+        cli("signal", o1, "approval", "--payload", '{"by": "mallory"}', "--id", "s-1", **opts)
+        failed = wait_status(o1, pool, nats_url, "failed")
         assert "card declined" in failed["error"]
-        cli("resume", "o1", "--from", "Charge", "--context-patch", '{"fail_at": null}', **opts)
-        done = wait_status("o1", pool, nats_url, "succeeded")
+        cli("resume", o1, "--from", "Charge", "--context-patch", '{"fail_at": null}', **opts)
+        done = wait_status(o1, pool, nats_url, "succeeded")
         assert done["node"] == "Charge"
-        rec, history = asyncio.run(stored("o1", postgres_dsn))
+        rec, history = asyncio.run(stored(o1, postgres_dsn))
         assert rec.context["approved_by"] == "ana"  # the duplicate signal was applied once
         assert rec.context["log"] == ["order:12", "ask", "approved:ana", "charge:12"]
         assert [(h.from_node, h.to_node, h.kind) for h in history] == [
@@ -86,8 +89,8 @@ def test_payload_signal_failure_and_resume_from_the_cli(
             ("Approved", "Charge", "step"), ("Charge", "Charge", "resume"),
             ("Charge", None, "step")]
         # A bad payload fails the agent with a reason naming the node.
-        cli("trigger", "o2", "--node", "TakeOrder", "--payload", '{"amount": "lots"}', **opts)
-        assert "payload of node 'TakeOrder'" in wait_status("o2", pool, nats_url,
+        cli("trigger", o2, "--node", "TakeOrder", "--payload", '{"amount": "lots"}', **opts)
+        assert "payload of node 'TakeOrder'" in wait_status(o2, pool, nats_url,
                                                             "failed")["error"]
     finally:
         for proc in procs:
@@ -99,7 +102,7 @@ def test_a_timer_survives_the_sigkill_of_every_worker(
         tmp_path: Path, nats_url: str, postgres_dsn: str, pool: str) -> None:
     procs = workers(2, tmp_path, pool, nats_url, postgres_dsn)
     opts = {"pool": pool, "nats_url": nats_url, "tmp_path": tmp_path}
-    ids = [f"n{i}" for i in range(3)]
+    ids = [f"{pool}-n{i}" for i in range(3)]
     try:
         for agent_id in ids:
             cli("trigger", agent_id, "--node", "Nap", "--context", '{"sleep_for": 30}', **opts)
@@ -139,19 +142,19 @@ def test_a_fan_out_across_workers_joins_once_through_the_sigkill_of_one(
     fast = ("--lease-seconds", "3", "--ack-wait", "3")  # the killed worker's branches return soon
     procs = workers(2, tmp_path, pool, nats_url, postgres_dsn, *fast)
     opts = {"pool": pool, "nats_url": nats_url, "tmp_path": tmp_path}
-    n = 120
+    n, fan = 120, f"{pool}-fan"
     try:
-        cli("trigger", "fan", "--node", "Split", "--context",
+        cli("trigger", fan, "--node", "Split", "--context",
             f'{{"branches": {n}, "step_time": 8, "policy": "collect"}}', **opts)
-        wait_until(lambda: asyncio.run(parked_count(["fan"], "Gather", postgres_dsn)) == 1, 60,
+        wait_until(lambda: asyncio.run(parked_count([fan], "Gather", postgres_dsn)) == 1, 60,
                    "the parent to wait at its join")
         procs[0].proc.kill()  # holding some of the branches, each 8 s long
         procs[0].stop()
-        assert asyncio.run(ended_branches("fan", postgres_dsn)) < n  # killed in the middle
+        assert asyncio.run(ended_branches(fan, postgres_dsn)) < n  # killed in the middle
         procs.append(workers(1, tmp_path, pool, nats_url, postgres_dsn, *fast)[0])
-        found = wait_status("fan", pool, nats_url, "succeeded")
+        found = wait_status(fan, pool, nats_url, "succeeded")
         assert found["node"] == "Gather"
-        rec, history = asyncio.run(stored("fan", postgres_dsn))
+        rec, history = asyncio.run(stored(fan, postgres_dsn))
         assert rec.context["amount"] == sum(i * i for i in range(n))
         assert rec.context["log"] == ["split", f"gathered:{n}/{n}"]  # the join ran once
         assert [(h.from_node, h.to_node) for h in history] == [("Split", "Gather"),
