@@ -142,12 +142,13 @@ UPDATE agents SET lease_until = now() + $4::float8 * interval '1 second'
 WHERE {_FENCE} RETURNING true
 """
 
-# A branch that ended in this statement (CTE ``ended``: agent_id, status, error, parent_id,
-# parent_step) counts down its parent's join if the parent still waits there; at 0 the parent
-# is due (wake_due writes its event). Fail fast: a branch that did not succeed fails the parent,
-# naming it; the caller then cancels the siblings in a statement of its own (SQL_CANCEL_CHILDREN:
-# taking their locks here, after the parent's, could deadlock with a sibling's commit, which
-# locks itself, then the parent). The parent's row lock serialises concurrent countdowns.
+# The row a statement changed (CTE ``ended``: agent_id, status, error, parent_id, parent_step),
+# if it ended a branch, counts down its parent's join if the parent still waits there; at 0
+# the parent is due (wake_due writes its event). Fail fast: a branch that did not succeed
+# fails the parent, naming it; the caller then cancels the siblings in a statement of its own
+# (SQL_CANCEL_CHILDREN: taking their locks here, after the parent's, could deadlock with a
+# sibling's commit, which locks itself, then the parent). The parent's row lock serialises
+# concurrent countdowns.
 _FAIL_FAST = "(e.status <> 'succeeded' AND p.join_policy = 'fail_fast')"
 _JOIN_COUNTDOWN = f"""
 parent AS (
@@ -173,7 +174,7 @@ _FAILED_PARENT = "(SELECT agent_id FROM parent WHERE status = 'failed') AS faile
 # transaction and one round trip. A timer ($10: wake in seconds) parks the agent instead of
 # writing the event: wake_due writes it when the time has come.
 SQL_COMMIT = f"""
-WITH moved AS (
+WITH ended AS (
     UPDATE agents SET
         node = coalesce($5::text, node), step = $2 + 1,
         status = CASE WHEN $5::text IS NULL THEN 'succeeded' ELSE 'running' END,
@@ -184,18 +185,16 @@ WITH moved AS (
         graph_version = coalesce($11::text, graph_version)
     WHERE {_FENCE}
     RETURNING agent_id, status, error, parent_id, parent_step
-), ended AS (
-    SELECT * FROM moved
 ), hist AS (
     INSERT INTO history (agent_id, step, from_node, to_node, attempts, duration, at)
-    SELECT agent_id, $2 + 1, $4, $5::text, $7, $8, now() FROM moved
+    SELECT agent_id, $2 + 1, $4, $5::text, $7, $8, now() FROM ended
 ), event AS (
     INSERT INTO outbox (agent_id, step, created_at)
-    SELECT agent_id, $2 + 1, now() FROM moved WHERE $5::text IS NOT NULL AND $10::float8 IS NULL
+    SELECT agent_id, $2 + 1, now() FROM ended WHERE $5::text IS NOT NULL AND $10::float8 IS NULL
 ), done AS (
-    DELETE FROM outbox o USING moved WHERE o.agent_id = moved.agent_id AND o.step = $2
+    DELETE FROM outbox o USING ended WHERE o.agent_id = ended.agent_id AND o.step = $2
 ), {_JOIN_COUNTDOWN}
-SELECT (SELECT count(*) FROM moved) AS moved, {_FAILED_PARENT}
+SELECT (SELECT count(*) FROM ended) AS moved, {_FAILED_PARENT}
 """
 
 # The end of a transition that parks the agent (a wait, a fan-out): its history row and the
@@ -218,7 +217,7 @@ WITH moved AS (
         lease_until = NULL, updated_at = now(),
         joining = nullif(jsonb_array_length($10::jsonb), 0),
         wake_at = CASE WHEN jsonb_array_length($10::jsonb) = 0 THEN now() END,
-        join_step = $2 + 1, join_size = jsonb_array_length($10::jsonb), join_policy = $11,
+        join_step = $2 + 1, join_policy = $11,
         graph_version = coalesce($12::text, graph_version)
     WHERE {_FENCE}
     RETURNING agent_id, pool, graph_version

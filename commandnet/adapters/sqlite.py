@@ -112,7 +112,7 @@ CREATE INDEX IF NOT EXISTS signals_kept ON signals (agent_id, name, created_at)
     WHERE consumed_step IS NULL;
 """
 # Version 4: fan-out and join. A branch row names its parent, the step its fan-out moved the
-# parent to and its index; the parent records its join (step, number of branches, policy) and
+# parent to and its index; the parent records its join (step, policy) and
 # ``joining``, the branches still running while it waits at the join.
 SCHEMA_4 = """
 ALTER TABLE agents ADD COLUMN parent_id TEXT;
@@ -120,7 +120,6 @@ ALTER TABLE agents ADD COLUMN parent_step INTEGER;
 ALTER TABLE agents ADD COLUMN branch_index INTEGER;
 ALTER TABLE agents ADD COLUMN joining INTEGER;
 ALTER TABLE agents ADD COLUMN join_step INTEGER;
-ALTER TABLE agents ADD COLUMN join_size INTEGER;
 ALTER TABLE agents ADD COLUMN join_policy TEXT;
 CREATE INDEX IF NOT EXISTS agents_branches ON agents (parent_id, parent_step, branch_index)
     WHERE parent_id IS NOT NULL;
@@ -369,7 +368,7 @@ class SQLitePersistence(Persistence):
         sleeps = not done and not waits and commit.wake_in is not None
         fans = not done and not waits and not sleeps and commit.branches is not None
         branches = commit.branches or ()
-        join = (commit.step + 1, len(branches), commit.join_policy) if fans else (None,) * 3
+        join = (commit.step + 1, commit.join_policy) if fans else (None, None)
 
         def body(db: sqlite3.Connection) -> bool:
             now = self.clock()
@@ -394,8 +393,8 @@ class SQLitePersistence(Persistence):
             updated = db.execute(
                 "UPDATE agents SET node = COALESCE(?, node), step = step + 1, status = ?, "
                 "context = ?, payload = ?, wake_at = ?, waiting = ?, timeout_node = ?, "
-                "joining = ?, join_step = COALESCE(?, join_step), join_size = COALESCE(?, "
-                "join_size), join_policy = COALESCE(?, join_policy), "
+                "joining = ?, join_step = COALESCE(?, join_step), "
+                "join_policy = COALESCE(?, join_policy), "
                 "graph_version = COALESCE(?, graph_version), "
                 "attempts = 0, crashes = 0, error = NULL, lease_owner = NULL, "
                 f"lease_until = NULL, updated_at = ? WHERE {_FENCE} RETURNING pool, parent_id, "

@@ -32,13 +32,12 @@ CREATE INDEX agents_wake ON agents (pool, wake_at) WHERE wake_at IS NOT NULL;
 
 -- Fan-out and join. A branch is an agent whose parent_id names the agent that fanned out,
 -- parent_step the step that fan-out moved the parent to, branch_index its place. The parent,
--- parked at its join, counts in ``joining`` the branches still running; join_step, join_size and
+-- parked at its join, counts in ``joining`` the branches still running; join_step and
 -- join_policy describe its last fan-out.
 ALTER TABLE agents ADD COLUMN parent_step integer;
 ALTER TABLE agents ADD COLUMN branch_index integer;
 ALTER TABLE agents ADD COLUMN joining integer;
 ALTER TABLE agents ADD COLUMN join_step integer;
-ALTER TABLE agents ADD COLUMN join_size integer;
 ALTER TABLE agents ADD COLUMN join_policy text CHECK (join_policy IN ('fail_fast', 'collect'));
 -- A join reads its branches in order; a cancel finds the running children of an agent.
 DROP INDEX agents_parent;
