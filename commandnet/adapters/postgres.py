@@ -142,15 +142,19 @@ UPDATE agents SET lease_until = now() + $4::float8 * interval '1 second'
 WHERE {_FENCE} RETURNING true
 """
 
-# The row a statement changed (CTE ``ended``: agent_id, status, error, parent_id, parent_step),
-# if it ended a branch, counts down its parent's join if the parent still waits there; at 0
+# The row a statement changed (a CTE: agent_id, status, error, parent_id, parent_step), if it
+# ended a branch, counts down its parent's join if the parent still waits there; at 0
 # the parent is due (wake_due writes its event). Fail fast: a branch that did not succeed
 # fails the parent, naming it; the caller then cancels the siblings in a statement of its own
 # (SQL_CANCEL_CHILDREN: taking their locks here, after the parent's, could deadlock with a
 # sibling's commit, which locks itself, then the parent). The parent's row lock serialises
 # concurrent countdowns.
 _FAIL_FAST = "(e.status <> 'succeeded' AND p.join_policy = 'fail_fast')"
-_JOIN_COUNTDOWN = f"""
+
+
+def _join_countdown(ended: str = "ended") -> str:
+    """The countdown CTE, reading the changed row from CTE ``ended``."""
+    return f"""
 parent AS (
     UPDATE agents p SET
         status = CASE WHEN {_FAIL_FAST} THEN 'failed' ELSE 'running' END,
@@ -159,12 +163,14 @@ parent AS (
         joining = CASE WHEN NOT {_FAIL_FAST} AND p.joining > 1 THEN p.joining - 1 END,
         wake_at = CASE WHEN NOT {_FAIL_FAST} AND p.joining <= 1 THEN now() END,
         updated_at = now()
-    FROM ended e
+    FROM {ended} e
     WHERE e.status <> 'running' AND e.parent_id IS NOT NULL AND p.agent_id = e.parent_id
       AND p.status = 'running' AND p.joining IS NOT NULL AND p.join_step = e.parent_step
       AND p.step = e.parent_step
     RETURNING p.agent_id, p.status
 )"""
+
+
 # What a statement ending an agent returns besides its own count: the parent it failed.
 _FAILED_PARENT = "(SELECT agent_id FROM parent WHERE status = 'failed') AS failed_parent"
 
@@ -174,7 +180,7 @@ _FAILED_PARENT = "(SELECT agent_id FROM parent WHERE status = 'failed') AS faile
 # transaction and one round trip. A timer ($10: wake in seconds) parks the agent instead of
 # writing the event: wake_due writes it when the time has come.
 SQL_COMMIT = f"""
-WITH ended AS (
+WITH moved AS (
     UPDATE agents SET
         node = coalesce($5::text, node), step = $2 + 1,
         status = CASE WHEN $5::text IS NULL THEN 'succeeded' ELSE 'running' END,
@@ -187,14 +193,14 @@ WITH ended AS (
     RETURNING agent_id, status, error, parent_id, parent_step
 ), hist AS (
     INSERT INTO history (agent_id, step, from_node, to_node, attempts, duration, at)
-    SELECT agent_id, $2 + 1, $4, $5::text, $7, $8, now() FROM ended
+    SELECT agent_id, $2 + 1, $4, $5::text, $7, $8, now() FROM moved
 ), event AS (
     INSERT INTO outbox (agent_id, step, created_at)
-    SELECT agent_id, $2 + 1, now() FROM ended WHERE $5::text IS NOT NULL AND $10::float8 IS NULL
+    SELECT agent_id, $2 + 1, now() FROM moved WHERE $5::text IS NOT NULL AND $10::float8 IS NULL
 ), done AS (
-    DELETE FROM outbox o USING ended WHERE o.agent_id = ended.agent_id AND o.step = $2
-), {_JOIN_COUNTDOWN}
-SELECT (SELECT count(*) FROM ended) AS moved, {_FAILED_PARENT}
+    DELETE FROM outbox o USING moved WHERE o.agent_id = moved.agent_id AND o.step = $2
+), {_join_countdown("moved")}
+SELECT (SELECT count(*) FROM moved) AS moved, {_FAILED_PARENT}
 """
 
 # The end of a transition that parks the agent (a wait, a fan-out): its history row and the
@@ -274,7 +280,7 @@ WITH ended AS (
         status = CASE WHEN $6 THEN 'failed' ELSE 'running' END, updated_at = now()
     WHERE {_FENCE}
     RETURNING agent_id, status, error, parent_id, parent_step
-), {_JOIN_COUNTDOWN}
+), {_join_countdown()}
 SELECT (SELECT count(*) FROM ended) AS moved, {_FAILED_PARENT}
 """
 
@@ -295,7 +301,7 @@ WITH ended AS (
         joining = NULL, updated_at = now()
     WHERE agents.status = 'running'
     RETURNING agent_id, status, error, parent_id, parent_step
-), {_JOIN_COUNTDOWN}
+), {_join_countdown()}
 SELECT (SELECT count(*) FROM ended) AS moved, {_FAILED_PARENT}
 """
 
