@@ -41,6 +41,7 @@ def main() -> None:
         else:
             report["distributed"] = run_distributed(args.agents)
             _table("distributed (PostgreSQL + JetStream)", report["distributed"])  # type: ignore[arg-type]
+            _summary(report["distributed"].get("summary", {}))  # type: ignore[attr-defined]
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     previous.update(report)
     RESULTS.write_text(json.dumps(previous, indent=2) + "\n")
@@ -59,6 +60,23 @@ def _table(title: str, cases: dict[str, dict[str, object]]) -> None:
                       str(row["transitions_per_s"]), str(row.get("step_latency_ms_p50", "")),
                       str(row.get("step_latency_ms_p99", "")), str(row["seconds"]))
     Console().print(table)
+
+
+def _summary(summary: dict[str, object]) -> None:
+    if not summary:
+        return
+    table = Table(title=f"distributed: commandnet (2 workers) vs the reference, "
+                        f"{summary['turns']} turns")
+    for column in ("figure", "median of turns", "each turn"):
+        table.add_column(column, justify="right")
+    table.add_row("throughput ratio", str(summary["ratio_to_reference"]),
+                  " ".join(map(str, summary["ratio_to_reference_each_turn"])))  # type: ignore[call-overload]
+    table.add_row("worker CPU ms/transition", str(summary["worker_cpu_ms_per_transition"]),
+                  " ".join(map(str, summary["worker_cpu_ms_per_transition_each_turn"])))  # type: ignore[call-overload]
+    table.add_row("statements/transition", str(summary["statements_per_transition"]), "")
+    Console().print(table)
+    for target, met in summary["targets"].items():  # type: ignore[attr-defined]
+        Console().print(f"target {target}: {'met' if met else 'NOT met'}")
 
 
 def _versus(versus: dict[str, object]) -> None:

@@ -5,7 +5,9 @@ then commandnet with real ``commandnet worker`` subprocesses running the 10-node
 (trivial nodes), agents triggered from this process. Cases:
 
 - ``reference``: :func:`bench.reference.run_reference`, 2 processes.
-- ``workers=N saturated`` (N = 1, 2, 4): every agent triggered at once (throughput).
+- ``workers=N saturated`` (N = 1, 2, 4): every agent triggered at once (throughput). The
+  reference and ``workers=2`` take :data:`TURNS` turns; each keeps its best turn, and the
+  summary gives the ratio of each turn and their median (the target is judged on that).
 - ``workers=2 paced``: agents arriving at a steady rate well below capacity (latency).
 
 Step latency is read from the database: for step N of an agent, the commit time of transition
@@ -36,6 +38,7 @@ import os
 import resource
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,6 +58,7 @@ from commandnet.local.process import free_port
 from .reference import run_reference
 
 GRAPH = "commandnet.examples.linear:Start"
+TURNS = 3  # the reference and commandnet (2 workers, saturated) take turns this often
 START_NODE = "Step0"
 STEPS = 10
 READY_TIMEOUT = 90.0
@@ -367,12 +371,10 @@ def _quantile(values: list[float], q: float) -> float:
 
 
 async def _commandnet_cases(pg: PostgresServer, nats: NatsServer, log_dir: Path, agents: int,
-                            scaling: tuple[int, ...], paced: int) -> dict[str, Any]:
+                            scaling: tuple[int, ...], paced: int,
+                            saturated: float) -> dict[str, Any]:
     cases: dict[str, Any] = {}
-    cases["commandnet workers=2 saturated"] = await run_case(
-        pg, nats, log_dir, name="w2sat", workers=2, agents=agents)
     # Paced: a tenth of the saturated rate, so steps do not queue behind each other.
-    saturated = cases["commandnet workers=2 saturated"]["transitions_per_s"]
     rate = max(1.0, round(saturated / STEPS / 10, 1))
     cases["commandnet workers=2 paced"] = await run_case(
         pg, nats, log_dir, name="w2paced", workers=2, agents=paced, rate=rate)
@@ -384,48 +386,79 @@ async def _commandnet_cases(pg: PostgresServer, nats: NatsServer, log_dir: Path,
     return cases
 
 
+def _turns(pg: PostgresServer, nats: NatsServer, log_dir: Path, ref_dsn: str, agents: int,
+           processes: int, turns: int) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The reference and commandnet (2 workers, saturated) taking turns: a run of a few
+    seconds on a shared machine moves by tens of percent (a checkpoint's full-page writes, a
+    neighbour), so the ratio is taken over turns, each pair measured back to back."""
+    pairs = []
+    for turn in range(turns):
+        ref = _measured_reference(pg, ref_dsn, agents, processes)
+        main = asyncio.run(run_case(pg, nats, log_dir, name=f"w2sat{turn}", workers=2,
+                                    agents=agents))
+        pairs.append((ref, main))
+    return pairs
+
+
 def run_distributed(agents: int, *, scaling: tuple[int, ...] = (1, 2, 4),
-                    paced_agents: int | None = None,
-                    reference_processes: int = 2) -> dict[str, Any]:
+                    paced_agents: int | None = None, reference_processes: int = 2,
+                    turns: int = TURNS) -> dict[str, Any]:
     """Run every case against one PostgreSQL and one NATS; the bench table's rows."""
     with bench_servers("commandnet-bench-") as (pg, nats, log_dir):
         results: dict[str, Any] = {}
         ref_dsn = pg.create_database("bench_reference")
-        ref = _measured_reference(pg, ref_dsn, agents, reference_processes)
+        pairs = _turns(pg, nats, log_dir, ref_dsn, agents, reference_processes, turns)
+        ref = max((r for r, _ in pairs), key=lambda r: r["transitions_per_s"])
+        main = max((m for _, m in pairs), key=lambda m: m["transitions_per_s"])
         results["reference (bare asyncpg)"] = {
             **ref, "step_latency_ms_p50": "", "step_latency_ms_p99": ""}
         bound = _pgbench(pg, ref_dsn, agents, 16 * reference_processes)
         if bound is not None:
             results["independent: pgbench, reference statements"] = {
                 **bound, "step_latency_ms_p50": "", "step_latency_ms_p99": ""}
+        results["commandnet workers=2 saturated"] = main
         paced = paced_agents if paced_agents is not None else max(10, agents // 5)
-        results.update(asyncio.run(_commandnet_cases(pg, nats, log_dir, agents,
-                                                     scaling, paced)))
-        main = results["commandnet workers=2 saturated"]
-        paced_p99 = results["commandnet workers=2 paced"]["step_latency_ms_p99"]
-        worker_cpu = main["cpu_ms_per_transition"]["workers"]
-        ref_cpu = ref["cpu_ms_per_transition"]["reference processes"]
-        results["summary"] = {
-            "ratio_to_reference": round(main["transitions_per_s"] / ref["transitions_per_s"], 3),
-            "ratio_to_pgbench": (round(main["transitions_per_s"] / bound["transitions_per_s"], 3)
-                                 if bound else None),
-            "reference_ratio_to_pgbench": (
-                round(ref["transitions_per_s"] / bound["transitions_per_s"], 3) if bound else None),
-            "worker_cpu_ms_per_transition": worker_cpu,
-            "reference_cpu_ms_per_transition": ref_cpu,
-            "worker_cpu_ratio_to_reference": round(worker_cpu / ref_cpu, 2) if ref_cpu else None,
-            "statements_per_transition": main["sql_calls_per_transition"],
-            "targets": {"ratio_to_reference>=0.75": None, "worker_cpu_ms<=0.3": None,
-                        "p99_step_ms<=10 (paced)": None},
-            "postgres": "fsync=on, synchronous_commit=on (commits); leases/outbox deletes "
-                        "synchronous_commit=off by the adapter's design",
-            "nats": "JetStream file storage",
-        }
-        targets = results["summary"]["targets"]
-        targets["ratio_to_reference>=0.75"] = results["summary"]["ratio_to_reference"] >= 0.75
-        targets["worker_cpu_ms<=0.3"] = worker_cpu <= 0.3
-        targets["p99_step_ms<=10 (paced)"] = paced_p99 <= 10
+        results.update(asyncio.run(_commandnet_cases(
+            pg, nats, log_dir, agents, scaling, paced, main["transitions_per_s"])))
+        results["summary"] = _summary(pairs, ref, main, bound,
+                                      results["commandnet workers=2 paced"])
         return results
+
+
+def _summary(pairs: list[tuple[dict[str, Any], dict[str, Any]]], ref: dict[str, Any],
+             main: dict[str, Any], bound: dict[str, Any] | None,
+             paced: dict[str, Any]) -> dict[str, Any]:
+    """The figures the issue's targets are about; ratios of each turn, their median, and the
+    best commandnet turn against the best reference turn (as the core bench's rounds)."""
+    each = [round(m["transitions_per_s"] / r["transitions_per_s"], 3) for r, m in pairs]
+    cpu = sorted(m["cpu_ms_per_transition"]["workers"] for _, m in pairs)
+    ref_cpu = sorted(r["cpu_ms_per_transition"]["reference processes"] for r, _ in pairs)
+    median = round(statistics.median(each), 3)
+    worker_cpu, reference_cpu = statistics.median(cpu), statistics.median(ref_cpu)
+    return {
+        "ratio_to_reference": median,
+        "ratio_to_reference_each_turn": each,
+        "ratio_to_reference_best_vs_best": round(
+            main["transitions_per_s"] / ref["transitions_per_s"], 3),
+        "ratio_to_pgbench": (round(main["transitions_per_s"] / bound["transitions_per_s"], 3)
+                             if bound else None),
+        "reference_ratio_to_pgbench": (
+            round(ref["transitions_per_s"] / bound["transitions_per_s"], 3) if bound else None),
+        "worker_cpu_ms_per_transition": worker_cpu,
+        "worker_cpu_ms_per_transition_each_turn": [
+            m["cpu_ms_per_transition"]["workers"] for _, m in pairs],
+        "reference_cpu_ms_per_transition": reference_cpu,
+        "worker_cpu_ratio_to_reference": (round(worker_cpu / reference_cpu, 2)
+                                          if reference_cpu else None),
+        "statements_per_transition": main["sql_calls_per_transition"],
+        "turns": len(pairs),
+        "targets": {"ratio_to_reference>=0.75 (median of turns)": median >= 0.75,
+                    "worker_cpu_ms<=0.3 (median of turns)": worker_cpu <= 0.3,
+                    "p99_step_ms<=10 (paced)": paced["step_latency_ms_p99"] <= 10},
+        "postgres": "fsync=on, synchronous_commit=on (commits); leases/outbox deletes "
+                    "synchronous_commit=off by the adapter's design",
+        "nats": "JetStream file storage",
+    }
 
 
 @contextlib.contextmanager

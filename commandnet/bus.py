@@ -57,6 +57,11 @@ class EventBus(ABC):
         published; the caller keeps its outbox row (the step's commit deletes it).
         """
 
+    def hands_over(self) -> bool:
+        """Whether a step event published now, by a handler, would be handed to this
+        process's own subscriber (``publish`` returning False) rather than published."""
+        return False
+
     @abstractmethod
     async def subscribe(self, handler: Handler) -> None:
         """Start delivering messages to ``handler`` in the background; returns at once."""

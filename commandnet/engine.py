@@ -34,6 +34,7 @@ from .errors import (
     WorkerDiedError,
 )
 from .graph import Graph, GraphAnalyzer, NodeClass
+from .leasing.kept import KeptLeases
 from .messages import StepEvent, decode
 from .node import Directive
 from .observer import ErrorInfo, Observer, StatusInfo, TransitionInfo
@@ -67,7 +68,7 @@ class _Run:
         self.lost = False
 
 
-class Engine(AgentActions, Notifications, SafeDeploys):
+class Engine(AgentActions, Notifications, SafeDeploys, KeptLeases):
     """Runs agents: triggers them, and (after :meth:`start_worker`) executes their steps.
 
     One engine is one worker of the bus's pool. Several engines (processes, pools) may share a
@@ -105,10 +106,8 @@ class Engine(AgentActions, Notifications, SafeDeploys):
         self.owner = owner or f"worker-{uuid.uuid4().hex[:12]}"
         self.lease_seconds = lease_seconds
         self.max_in_flight = max_in_flight
-        self.sweep_interval = sweep_interval
-        self.outbox_grace = outbox_grace
-        self.stall_after = stall_after
-        self.reconcile_batch = reconcile_batch
+        self.sweep_interval, self.outbox_grace = sweep_interval, outbox_grace
+        self.stall_after, self.reconcile_batch = stall_after, reconcile_batch
         self.wake_interval, self.node_grace = wake_interval, node_grace
         self.pool = event_bus.pool
         self._nodes: dict[str, tuple[Graph, NodeClass]] = {}
@@ -259,7 +258,7 @@ class Engine(AgentActions, Notifications, SafeDeploys):
             max(after - 0.1, 0.0), 1_000_000, self.pool), redo=True)
 
     async def _on_delivery(self, delivery: Delivery) -> None:
-        await self._slots.acquire()
+        await self._free_slot(self._slots, delivery)
         task = asyncio.create_task(self._handle(delivery))
         self._tasks.add(task)
         task.add_done_callback(self._done)
@@ -287,6 +286,7 @@ class Engine(AgentActions, Notifications, SafeDeploys):
             await self._notify_delivery(message.kind, delivery, "handled")
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
+                await self._drop_kept(delivery)
                 await delivery.nack(0)
             raise
         except Exception as exc:
@@ -318,8 +318,8 @@ class Engine(AgentActions, Notifications, SafeDeploys):
                 self._alone.set()
 
     async def _lease_and_run(self, event: StepEvent, delivery: Delivery, alone: bool) -> None:
-        lease = await self.persistence.load_and_lock_agent(event.agent_id, event.step, self.owner,
-                                                           self.lease_seconds, self.pool, alone)
+        lease = await self._kept_lease(event) or await self.persistence.load_and_lock_agent(
+            event.agent_id, event.step, self.owner, self.lease_seconds, self.pool, alone)
         await self._notify_delivery(event.kind, delivery, lease.state.value)
         if lease.state is LeaseState.BUSY:
             await delivery.nack(min(max(lease.retry_after, 0.01), self.lease_seconds))
@@ -354,7 +354,7 @@ class Engine(AgentActions, Notifications, SafeDeploys):
         commit = Commit(rec.agent_id, self.owner, rec.step, rec.node,
                         None if to is None else to.node_name, context, attempt,
                         time.monotonic() - started, graph_version=self._version(rec.node),
-                        **fields)
+                        keep_lease=self._keep_next(), **fields)
         try:
             saved = await self.persistence.save_state(commit)
         except ContextValidationError as exc:  # the store cannot hold it (NaN in jsonb, say)
@@ -363,9 +363,11 @@ class Engine(AgentActions, Notifications, SafeDeploys):
         if not saved:
             await self._refused(rec, delivery)
             return
+        self._kept_after(rec, commit)
         await self._publish_outbox([OutboxEntry(branch_id(rec.agent_id, rec.step + 1, i), 0)
                                     for i in range(len(commit.branches or ()))])
         parked = commit.branches is not None or commit.wake_in is not None or commit.waiting
+        await self._release_unless_handed(rec.agent_id, rec.step + 1)
         if commit.to_node is not None and not parked and await self.bus.publish(
                 StepEvent(agent_id=rec.agent_id, step=rec.step + 1)) is not False:
             await self.persistence.clear_outbox([OutboxEntry(rec.agent_id, rec.step + 1)])

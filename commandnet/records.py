@@ -126,7 +126,10 @@ class Commit:
     that fails or is cancelled fails the parent at once, naming it, and cancels its siblings;
     ``collect``: the join runs when all have ended. Leasing the join step gives it the branches'
     results as its payload, in branch order: ``{agent_id, status, node, context, error}``.
-    ``payload`` goes to ``to_node``.
+    ``payload`` goes to ``to_node``. ``keep_lease`` (seconds; a plain move only): ``owner``
+    keeps the lease of ``step + 1`` for that long, its attempt counted as a lease would, so the
+    worker runs the next step without leasing it (sticky execution; its outbox event stays the
+    recovery should the worker die).
     """
 
     agent_id: str
@@ -144,6 +147,7 @@ class Commit:
     branches: tuple[Branch, ...] | None = None  # None: no fan-out; () joins at once
     join_policy: str = "fail_fast"
     graph_version: str | None = None  # of the graph that ran the step (None: keep the stored)
+    keep_lease: float | None = None  # see commandnet.leasing.kept.kept_lease
 
 
 @dataclass(frozen=True)

@@ -163,9 +163,12 @@ def test_thousand_agents_survive_sigkills_and_server_restarts(
     pool = "chaos"
     dsn, nats = postgres_dsn, restartable_nats
     setup_schema(dsn)
-    env = clean_env(COMMANDNET_EXAMPLE_DELAY="0.005")
+    # Steps of 20 ms, 16 at once per worker: the run outlasts 10 SIGKILLs (with local handoff
+    # a worker runs an agent's steps back to back).
+    env = clean_env(COMMANDNET_EXAMPLE_DELAY="0.02")
     fleet = Fleet(tmp_path, [
         "--graph", LINEAR, "--pool", pool, "--store", dsn, "--bus", nats.url,
+        "--max-in-flight", "16",
         "--lease-seconds", str(LEASE), "--ack-wait", str(ACK_WAIT), "--sweep-interval", "0.5",
         "--outbox-grace", "1",
         "--stall-after", "4", "--drain-grace", "1", "--log-level", "WARNING",

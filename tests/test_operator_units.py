@@ -17,7 +17,7 @@ from commandnet_operator.admission import Refused, check_agent
 from commandnet_operator.link import StatusBoard, is_agent_made
 from commandnet_operator.resource import HISTORY_LIMIT, MAX_CONTEXT_BYTES, agent_id
 from commandnet_operator.settings import OperatorSettings
-from commandnet_operator.status import changed, merge, with_bus
+from commandnet_operator.status import bus_shown_down, changed, merge, with_bus
 from e2e.graphs import Hello, Six1
 
 GRAPH = describe_pool("e2e", [GraphAnalyzer.validate(Hello), GraphAnalyzer.validate(Six1)])
@@ -86,6 +86,9 @@ def test_bus_condition_is_set_when_down_and_cleared_when_back() -> None:
     cleared = with_bus(finished_in_outage, True)  # it finished while the link was down
     cond = next(c for c in cleared["conditions"] if c["type"] == "BusAvailable")
     assert (cond["status"], cond["reason"]) == ("True", "BusReconnected")
+    # Its follower stays until the condition is cleared; then it may return.
+    assert bus_shown_down(finished_in_outage) and bus_shown_down(down)
+    assert not bus_shown_down(cleared) and not bus_shown_down(done)
 
 
 def test_admission_refuses_an_unknown_node_listing_the_nodes() -> None:

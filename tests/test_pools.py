@@ -51,7 +51,10 @@ class PoolFleet(Fleet):
             "--graph", graph, "--pool", pool, "--store", dsn, "--bus", nats_url,
             "--lease-seconds", str(LEASE), "--ack-wait", str(ACK_WAIT),
             "--sweep-interval", "0.5", "--outbox-grace", "1", "--stall-after", "3",
-            "--drain-grace", "1", "--log-level", "WARNING", "--no-migrate"], env)
+            "--drain-grace", "1", "--log-level", "WARNING", "--no-migrate",
+            # Few steps at once, so that each phase outlasts several SIGKILLs (with local
+            # handoff a worker runs an agent's steps back to back).
+            "--max-in-flight", "4"], env)
         self.pool = pool
         self.kills = 0
         self._names = itertools.count()
@@ -166,7 +169,7 @@ def test_two_pools_with_different_graphs_stay_apart_through_sigkills(
 ) -> None:
     dsn, nats = postgres_dsn, restartable_nats
     setup_schema(dsn)
-    env = clean_env(COMMANDNET_EXAMPLE_DELAY="0.01")
+    env = clean_env(COMMANDNET_EXAMPLE_DELAY="0.03")
     fleet_a = PoolFleet(tmp_path, "A", LINEAR, dsn, nats.url, env)
     fleet_b = PoolFleet(tmp_path, "B", PARCELS, dsn, nats.url, env)
     from commandnet.examples.linear import Start

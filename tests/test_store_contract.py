@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -460,6 +461,56 @@ async def test_a_lease_counts_an_attempt_and_a_dead_holder_counts_a_crash(
     assert await store.save_state(commit("a1", 0, "w4", "Next"))
     rec = await store.get_agent("a1")
     assert rec is not None and (rec.attempts, rec.crashes) == (0, 0)
+
+
+async def test_a_commit_that_keeps_the_lease_leases_the_next_step_to_its_owner(
+        store: Persistence) -> None:
+    # Sticky execution: the committing worker keeps step 1's lease, attempt counted, and
+    # commits step 1 with no lease request of its own; the outbox row stays the recovery.
+    await created(store)
+    await granted(store, "a1", 0, "w1")
+    assert await store.save_state(replace(commit("a1", 0, "w1", "Next"), keep_lease=LONG))
+    rec = await store.get_agent("a1")
+    assert rec is not None and (rec.step, rec.lease_owner, rec.attempts) == (1, "w1", 1)
+    assert ("a1", 1) in await outbox_keys(store)
+    assert (await store.load_and_lock_agent("a1", 1, "w2", LONG)).state is LeaseState.BUSY
+    assert await store.save_state(commit("a1", 1, "w1", "Last", from_node="Next"))
+    rec = await store.get_agent("a1")
+    assert rec is not None and (rec.step, rec.lease_owner, rec.attempts) == (2, None, 0)
+    assert [h.step for h in await store.get_history("a1")] == [1, 2]
+
+
+async def test_a_kept_lease_applies_to_plain_moves_only(store: Persistence) -> None:
+    await created(store)
+    await granted(store, "a1", 0, "w1")
+    assert await store.save_state(replace(commit("a1", 0, "w1", "Next"), keep_lease=LONG,
+                                          wake_in=60.0))  # a timer parks the agent: no lease
+    rec = await store.get_agent("a1")
+    assert rec is not None and (rec.lease_owner, rec.attempts) == (None, 0)
+    await created(store, "a2")
+    await granted(store, "a2", 0, "w1")
+    assert await store.save_state(replace(commit("a2", 0, "w1", None), keep_lease=LONG))
+    rec = await store.get_agent("a2")
+    assert rec is not None and (rec.status, rec.lease_owner) == (AgentStatus.SUCCEEDED, None)
+
+
+async def test_a_kept_lease_whose_worker_died_is_taken_over_without_using_an_attempt(
+        store: Persistence) -> None:
+    await created(store)
+    await granted(store, "a1", 0, "doomed")
+    assert await store.save_state(replace(commit("a1", 0, "doomed", "Next"), keep_lease=0.05))
+    await asyncio.sleep(0.3)  # it died before committing step 1; another worker takes over
+    lease = await store.load_and_lock_agent("a1", 1, "w2", LONG, "default", alone=True)
+    assert lease.record is not None and (lease.record.attempts, lease.record.crashes) == (1, 1)
+    assert await store.extend_lease("a1", 1, "doomed", LONG) is False
+    assert await store.save_state(commit("a1", 1, "doomed", "Last")) is False
+    assert await store.save_state(commit("a1", 1, "w2", "Last", from_node="Next"))
+    await created(store, "a2")  # a kept lease released unused gives its attempt back
+    await granted(store, "a2", 0, "w1")
+    assert await store.save_state(replace(commit("a2", 0, "w1", "Next"), keep_lease=LONG))
+    await store.release_lease("a2", 1, "w1")
+    lease = await store.load_and_lock_agent("a2", 1, "w2", LONG)
+    assert lease.record is not None and (lease.record.attempts, lease.record.crashes) == (1, 0)
 
 
 # ------------------------------------------------------------------ tombstones (issue 7)

@@ -18,6 +18,7 @@ from typing import Any
 from typing_extensions import override
 
 from ..bus import Delivery, EventBus, Handler
+from ..leasing.kept import kept_lease
 from ..messages import AnyMessage, encode
 from ..persistence import Persistence
 from ..records import (
@@ -154,6 +155,7 @@ class InMemoryPersistence(Persistence):
             return False
         now = self.clock()
         done = commit.to_node is None
+        keep = kept_lease(commit)  # the next step's lease, kept by the committing worker
         park: dict[str, Any] = {"payload": copy.deepcopy(commit.payload), "wake_at": None,
                                 "graph_version": commit.graph_version or rec.graph_version}
         if not done and commit.waiting is not None:
@@ -177,9 +179,11 @@ class InMemoryPersistence(Persistence):
         self.agents[commit.agent_id] = replace(
             rec, node=commit.to_node or rec.node, step=commit.step + 1,
             status=AgentStatus.SUCCEEDED if done else AgentStatus.RUNNING,
-            context=commit.context, attempts=0, crashes=0, error=None,
-            lease_owner=None, lease_until=None, updated_at=now, **park,
+            context=commit.context, attempts=0 if keep is None else 1, crashes=0, error=None,
+            lease_owner=None if keep is None else commit.owner,
+            lease_until=None if keep is None else now + keep, updated_at=now, **park,
         )
+        self.solo[commit.agent_id] = False
         self.history[commit.agent_id].append(HistoryRecord(
             commit.agent_id, commit.step + 1, commit.from_node, commit.to_node,
             commit.attempts, commit.duration, now,

@@ -491,10 +491,14 @@ class JetStreamBus(EventBus):
         return self.events_subject if isinstance(message, StepEvent) else self.commands_subject
 
     @override
+    def hands_over(self) -> bool:
+        return (self._handler is not None and not self._stopping
+                and len(self._local) < self.local_handoff and _HANDLING.get())
+
+    @override
     async def publish(self, message: AnyMessage) -> bool | None:
         if (isinstance(message, StepEvent) and message.step > 0 and not message.redo
-                and self._handler is not None and not self._stopping
-                and len(self._local) < self.local_handoff and _HANDLING.get()):
+                and self.hands_over()):
             task = asyncio.create_task(self._hand_over(_LocalDelivery(self, message)),
                                        name=f"commandnet-handoff-{self.pool}")
             self._local.add(task)

@@ -21,6 +21,7 @@ from typing import Any, Literal, TypeVar
 from typing_extensions import override
 
 from ..errors import CommandNetError, StoreUnavailableError
+from ..leasing.kept import kept_lease
 from ..persistence import Persistence
 from ..records import (
     AgentRecord,
@@ -369,6 +370,7 @@ class SQLitePersistence(Persistence):
         fans = not done and not waits and not sleeps and commit.branches is not None
         branches = commit.branches or ()
         join = (commit.step + 1, commit.join_policy) if fans else (None, None)
+        keep = kept_lease(commit)  # the next step's lease, kept by the committing worker
 
         def body(db: sqlite3.Connection) -> bool:
             now = self.clock()
@@ -396,11 +398,13 @@ class SQLitePersistence(Persistence):
                 "joining = ?, join_step = COALESCE(?, join_step), "
                 "join_policy = COALESCE(?, join_policy), "
                 "graph_version = COALESCE(?, graph_version), "
-                "attempts = 0, crashes = 0, error = NULL, lease_owner = NULL, "
-                f"lease_until = NULL, updated_at = ? WHERE {_FENCE} RETURNING pool, parent_id, "
+                "attempts = ?, crashes = 0, error = NULL, lease_owner = ?, lease_until = ?, "
+                f"lease_alone = 0, updated_at = ? WHERE {_FENCE} RETURNING pool, parent_id, "
                 "graph_version",
                 (commit.to_node, "succeeded" if done else "running", context, payload, wake_at,
-                 waiting, timeout_node, joining, *join, commit.graph_version, now,
+                 waiting, timeout_node, joining, *join, commit.graph_version,
+                 int(keep is not None), None if keep is None else commit.owner,
+                 None if keep is None else now + keep, now,
                  commit.agent_id, commit.step,
                  commit.owner),
             ).fetchall()

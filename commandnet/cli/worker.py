@@ -100,7 +100,7 @@ def _environment_only() -> str:
 @click.option("--local-handoff", type=int,
               help="JetStream with PostgreSQL: run the next step of an agent this worker just "
                    "committed here at once, at most this many waiting; 0: always via the "
-                   "stream [COMMANDNET_LOCAL_HANDOFF; 0]")
+                   "stream [COMMANDNET_LOCAL_HANDOFF; 64]")
 @click.option("--migrate/--no-migrate", default=None,
               help="Create/upgrade the store schema at start [COMMANDNET_MIGRATE; true]")
 def worker(**flags: Any) -> None:

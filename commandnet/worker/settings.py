@@ -277,7 +277,7 @@ class WorkerSettings(ConnectionSettings):
                                  description="stalled agents the pool's sweeper re-publishes per "
                                              "sweep at most (bounds the repair traffic)")
     local_handoff: int = Field(
-        default=0, ge=0, description="JetStream with PostgreSQL: the next step of an agent "
+        default=64, ge=0, description="JetStream with PostgreSQL: the next step of an agent "
                                       "whose step this worker committed runs here at once, "
                                       "without a stream round trip, at most this many waiting "
                                       "(0: every step goes through the stream); the step's "

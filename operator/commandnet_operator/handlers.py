@@ -36,7 +36,17 @@ from .link import BusLink, NotSent
 from .metrics import COMMANDS, PATCHES, STATUS_LAG, TRACKED, WEBHOOK
 from .resource import GROUP, PLURAL, VERSION, Phase, agent_id
 from .settings import OperatorSettings
-from .status import FAILED, RESUMED, TRIGGERED, changed, merge, now, set_condition, with_bus
+from .status import (
+    FAILED,
+    RESUMED,
+    TRIGGERED,
+    bus_shown_down,
+    changed,
+    merge,
+    now,
+    set_condition,
+    with_bus,
+)
 from .webhook import webhook_server
 
 registry = kopf.OperatorRegistry()
@@ -157,12 +167,15 @@ async def run_agent(stopped: kopf.DaemonStopped, spec: kopf.Spec, body: kopf.Bod
     signals and resumes (:mod:`.commands`) as they are appended.
 
     A finished Agent has nothing to follow: its daemon returns at once, and a resume (or
-    signal) appended later starts a follower of its own (:func:`watch_commands`).
+    signal) appended later starts a follower of its own (:func:`watch_commands`). Unless it
+    still shows BusAvailable=False (it finished during an outage, and an operator restarted
+    before the link came back): it is followed until that is cleared.
     """
     shown: dict[str, Any] = dict(body.get("status") or {})
     phase = _phase(shown)
     aid = agent_id(namespace or "", name, uid)
-    if (phase is not None and phase.finished) or aid in memo.followers:
+    finished = phase is not None and phase.finished and not bus_shown_down(shown)
+    if finished or aid in memo.followers:
         return
     await _follow(stopped, lambda: body, (namespace or "", name, uid), memo, logger)
 
@@ -199,9 +212,9 @@ class Follower:
 async def _follow(stopped: Any, body_of: Callable[[], Mapping[str, Any]],
                   ref: tuple[str, str, str], memo: Any, logger: Logger) -> None:
     """Trigger (if not yet), then follow the bucket and the spec (``body_of()``: the Agent as
-    last seen) until the agent is finished with nothing in flight. What is sent but not yet
-    written waits for the coalescing window: an agent that finishes within it goes from no
-    phase to its final one in one write."""
+    last seen) until the agent is finished with nothing in flight and no outage shown. What
+    is sent but not yet written waits for the coalescing window: an agent that finishes
+    within it goes from no phase to its final one in one write."""
     namespace, name, uid = ref
     aid = agent_id(*ref)
 
@@ -263,7 +276,7 @@ async def _follow(stopped: Any, body_of: Callable[[], Mapping[str, Any]],
             shown = held = new
             last = time.monotonic()
             if Phase(new["phase"]).finished and not resume_in_flight(new) and not retry \
-                    and not _actionable(memo, spec_of(), new, aid):
+                    and not bus_shown_down(new) and not _actionable(memo, spec_of(), new, aid):
                 break
     finally:
         TRACKED.dec()

@@ -151,6 +151,14 @@ def with_bus(status: dict[str, Any], available: bool, detail: str = "") -> dict[
     return {**status, "conditions": conditions}
 
 
+def bus_shown_down(status: dict[str, Any]) -> bool:
+    """Whether ``status`` shows BusAvailable=False: its follower must stay until the link is
+    back to clear it, even if the Agent finished meanwhile (with local handoff a worker can
+    finish it during the outage)."""
+    return any(c.get("type") == BUS and c.get("status") == "False"
+               for c in status.get("conditions") or [])
+
+
 def changed(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """The top-level fields of ``new`` that differ from ``old`` (a merge patch's body)."""
     return {key: value for key, value in new.items() if old.get(key) != value}

@@ -1,0 +1,1 @@
+"""Lease strategies beyond the core protocol's lease per step (sticky execution)."""
