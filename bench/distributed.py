@@ -431,8 +431,8 @@ def _summary(pairs: list[tuple[dict[str, Any], dict[str, Any]]], ref: dict[str, 
     """The figures the issue's targets are about; ratios of each turn, their median, and the
     best commandnet turn against the best reference turn (as the core bench's rounds)."""
     each = [round(m["transitions_per_s"] / r["transitions_per_s"], 3) for r, m in pairs]
-    cpu = sorted(m["cpu_ms_per_transition"]["workers"] for _, m in pairs)
-    ref_cpu = sorted(r["cpu_ms_per_transition"]["reference processes"] for r, _ in pairs)
+    cpu = [m["cpu_ms_per_transition"]["workers"] for _, m in pairs]
+    ref_cpu = [r["cpu_ms_per_transition"]["reference processes"] for r, _ in pairs]
     median = round(statistics.median(each), 3)
     worker_cpu, reference_cpu = statistics.median(cpu), statistics.median(ref_cpu)
     return {
@@ -445,8 +445,7 @@ def _summary(pairs: list[tuple[dict[str, Any], dict[str, Any]]], ref: dict[str, 
         "reference_ratio_to_pgbench": (
             round(ref["transitions_per_s"] / bound["transitions_per_s"], 3) if bound else None),
         "worker_cpu_ms_per_transition": worker_cpu,
-        "worker_cpu_ms_per_transition_each_turn": [
-            m["cpu_ms_per_transition"]["workers"] for _, m in pairs],
+        "worker_cpu_ms_per_transition_each_turn": cpu,
         "reference_cpu_ms_per_transition": reference_cpu,
         "worker_cpu_ratio_to_reference": (round(worker_cpu / reference_cpu, 2)
                                           if reference_cpu else None),

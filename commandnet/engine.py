@@ -258,7 +258,7 @@ class Engine(AgentActions, Notifications, SafeDeploys, KeptLeases):
             max(after - 0.1, 0.0), 1_000_000, self.pool), redo=True)
 
     async def _on_delivery(self, delivery: Delivery) -> None:
-        await self._free_slot(self._slots, delivery)
+        await self._free_slot(delivery)
         task = asyncio.create_task(self._handle(delivery))
         self._tasks.add(task)
         task.add_done_callback(self._done)
@@ -363,11 +363,10 @@ class Engine(AgentActions, Notifications, SafeDeploys, KeptLeases):
         if not saved:
             await self._refused(rec, delivery)
             return
-        self._kept_after(rec, commit)
         await self._publish_outbox([OutboxEntry(branch_id(rec.agent_id, rec.step + 1, i), 0)
                                     for i in range(len(commit.branches or ()))])
         parked = commit.branches is not None or commit.wake_in is not None or commit.waiting
-        await self._release_unless_handed(rec.agent_id, rec.step + 1)
+        await self._kept_after(rec, commit)
         if commit.to_node is not None and not parked and await self.bus.publish(
                 StepEvent(agent_id=rec.agent_id, step=rec.step + 1)) is not False:
             await self.persistence.clear_outbox([OutboxEntry(rec.agent_id, rec.step + 1)])

@@ -764,10 +764,8 @@ class PostgresPersistence(Persistence):
                             for i, b in enumerate(commit.branches)]
                 return bool(await self.pool.fetchval(SQL_COMMIT_FANOUT, *args, branches,
                                                      commit.join_policy, commit.graph_version))
-            keep = kept_lease(commit)
-            kept = None if keep is None else float(keep)
             row = await self.pool.fetchrow(SQL_COMMIT, *args, wake_in, commit.graph_version,
-                                           kept)
+                                           kept_lease(commit))
         except asyncpg.DataError as exc:
             raise _unstorable(commit.agent_id, commit.to_node or commit.from_node, exc) from exc
         return await self._ended(row)

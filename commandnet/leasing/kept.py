@@ -34,7 +34,8 @@ def kept_lease(commit: Commit) -> float | None:
     """``commit.keep_lease`` where it applies (stores call this): a move to a next step that
     does not park; None otherwise."""
     plain = commit.to_node is not None and commit.wake_in is None and commit.waiting is None
-    return commit.keep_lease if plain and commit.branches is None else None
+    keep = commit.keep_lease if plain and commit.branches is None else None
+    return None if keep is None else float(keep)
 
 
 class KeptLeases:
@@ -45,6 +46,7 @@ class KeptLeases:
         bus: EventBus
         owner: str
         lease_seconds: float
+        _slots: asyncio.Semaphore
 
     @cached_property
     def _kept(self) -> dict[tuple[str, int], tuple[AgentRecord, float]]:
@@ -56,14 +58,24 @@ class KeptLeases:
         next step to this worker (the commit applies it to plain moves only)."""
         return self.lease_seconds if self.bus.hands_over() else None
 
-    def _kept_after(self, rec: AgentRecord, commit: Commit) -> None:
-        """Remember the lease ``commit`` (saved) kept, for the step's handed-over delivery."""
-        if kept_lease(commit) is not None:
-            self._kept[(rec.agent_id, rec.step + 1)] = (replace(
-                rec, node=commit.to_node or rec.node, step=rec.step + 1, context=commit.context,
-                payload=commit.payload, attempts=1, crashes=0, error=None,
-                lease_owner=self.owner, graph_version=commit.graph_version or rec.graph_version,
-            ), time.monotonic())
+    async def _kept_after(self, rec: AgentRecord, commit: Commit) -> None:
+        """After ``commit`` (saved) kept the next step's lease, right before that step's event
+        is published: remember the lease for the handed-over delivery if the bus will hand
+        the event over, else release it now. Released after the publish instead, a worker
+        could receive the message first, find the lease held and put it off for up to
+        ``lease_seconds``. The caller publishes with no await after this returns:
+        ``hands_over()`` is what ``publish`` checks first, synchronously (and an event handed
+        over after a release here is leased as usual)."""
+        if kept_lease(commit) is None:
+            return
+        if not self.bus.hands_over():
+            await self.persistence.release_lease(rec.agent_id, rec.step + 1, self.owner)
+            return
+        self._kept[(rec.agent_id, rec.step + 1)] = (replace(
+            rec, node=commit.to_node or rec.node, step=rec.step + 1, context=commit.context,
+            payload=commit.payload, attempts=1, crashes=0, error=None,
+            lease_owner=self.owner, graph_version=commit.graph_version or rec.graph_version,
+        ), time.monotonic())
 
     async def _kept_lease(self, event: StepEvent) -> Lease | None:
         """The kept lease of ``event``'s step, if this worker holds one that is fresh enough
@@ -77,27 +89,17 @@ class KeptLeases:
             return None
         return Lease(LeaseState.GRANTED, kept[0])
 
-    async def _free_slot(self, slots: asyncio.Semaphore, delivery: Delivery) -> None:
-        """Wait for one of ``slots`` for ``delivery``; if this is cancelled (a handed-over
-        step given back at stop), release the step's kept lease first."""
+    async def _free_slot(self, delivery: Delivery) -> None:
+        """Wait for a free slot for ``delivery``; if this is cancelled (a handed-over step
+        given back at stop), release the step's kept lease first."""
         try:
-            await slots.acquire()
+            await self._slots.acquire()
         except asyncio.CancelledError:
             await self._drop_kept(delivery)
             raise
 
-    async def _release_unless_handed(self, agent_id: str, step: int) -> None:
-        """Before publishing the event of a step whose lease the commit kept: release the
-        lease unless the bus will hand the event over. Released after the publish instead, a
-        worker could receive the message first, find the lease held and put it off for up to
-        ``lease_seconds``. The caller publishes right after this returns, with no await in
-        between: ``hands_over()`` is what ``publish`` checks first, synchronously; if the bus
-        hands over an event whose lease was released meanwhile, its step is leased as usual."""
-        if (agent_id, step) in self._kept and not self.bus.hands_over():
-            await self._release_kept(agent_id, step)
-
     async def _release_kept(self, agent_id: str, step: int) -> None:
-        """Give up a kept lease that will not be used here (the event went to the stream)."""
+        """Give up a kept lease that will not be used here."""
         if self._kept.pop((agent_id, step), None) is not None:
             await self.persistence.release_lease(agent_id, step, self.owner)
 
