@@ -11,6 +11,7 @@ the graph's identity: ``class Renamed(Node[Ctx], name="Old")`` keeps agents at `
 from __future__ import annotations
 
 import logging
+import random
 import time
 from typing import TYPE_CHECKING
 
@@ -65,7 +66,10 @@ class SafeDeploys:
                         "version %s here, %s there): handing the step back for a worker that "
                         "has it (%.0fs of node_grace %gs)", rec.agent_id, rec.node,
                         self._mine(), _short(rec.graph_version), waited, self.node_grace)
-            await delivery.nack(min(self.lease_seconds, 5.0))
+            # Jittered: a fixed delay that is a multiple of the pull loop's period lets this
+            # worker's fetch be the one waiting each time the message comes back (seen in CI: a
+            # step handed back 24 times in a row while an idle worker with the node waited).
+            await delivery.nack(min(self.lease_seconds, 5.0) * random.uniform(0.3, 1.0))
             return True
         raise NodeRemovedError(
             f"node {rec.node!r} was removed: agent {rec.agent_id!r} reached it under graph "
