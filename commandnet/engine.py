@@ -26,18 +26,17 @@ from .errors import (
     CommandNetError,
     ContextValidationError,
     InvalidTransitionError,
-    LeaseLostError,
     MalformedMessageError,
-    NodeTimeoutError,
     StoreUnavailableError,
     UnknownNodeError,
     WorkerDiedError,
 )
 from .graph import Graph, GraphAnalyzer, NodeClass
 from .leasing.kept import KeptLeases
+from .leasing.runs import RunningNodes
 from .messages import StepEvent, decode
 from .node import Directive
-from .observer import ErrorInfo, Observer, StatusInfo, TransitionInfo
+from .observer import ErrorInfo, Observer, StatusInfo
 from .observing.fanout import Notifications
 from .persistence import Persistence
 from .policy import RetryPolicy
@@ -59,16 +58,7 @@ log = logging.getLogger("commandnet")
 _FATAL = (ContextValidationError, UnknownNodeError, InvalidTransitionError, WorkerDiedError)
 
 
-class _Run:
-    """One node execution on this worker: what the lease heartbeat keeps alive."""
-
-    def __init__(self, agent_id: str, step: int, delivery: Delivery,
-                 deadline: asyncio.Timeout) -> None:
-        self.agent_id, self.step, self.delivery, self.deadline = agent_id, step, delivery, deadline
-        self.lost = False
-
-
-class Engine(AgentActions, Notifications, SafeDeploys, KeptLeases):
+class Engine(AgentActions, Notifications, SafeDeploys, KeptLeases, RunningNodes):
     """Runs agents: triggers them, and (after :meth:`start_worker`) executes their steps.
 
     One engine is one worker of the bus's pool. Several engines (processes, pools) may share a
@@ -112,7 +102,6 @@ class Engine(AgentActions, Notifications, SafeDeploys, KeptLeases):
         self.pool = event_bus.pool
         self._nodes: dict[str, tuple[Graph, NodeClass]] = {}
         self._graphs: dict[NodeClass, Graph] = {}
-        self._running: set[_Run] = set()
         self._leased = 0  # steps being leased or run by this worker now
         self._alone = asyncio.Event()  # cleared while a suspect step runs alone (_run_step)
         self._alone.set()
@@ -305,7 +294,8 @@ class Engine(AgentActions, Notifications, SafeDeploys, KeptLeases):
         by an idle worker runs alone: no other step is leased here until it ends, so if it kills
         this worker too, the store counts that death against it alone. A death during a run
         that was not alone may have been any step's doing and uses up no attempt."""
-        await self._alone.wait()
+        if not self._alone.is_set():
+            await self._alone.wait()
         alone = not self._leased
         if alone:  # shut until the lease says whether this is a suspect (which keeps it shut)
             self._alone.clear()
@@ -363,20 +353,17 @@ class Engine(AgentActions, Notifications, SafeDeploys, KeptLeases):
         if not saved:
             await self._refused(rec, delivery)
             return
-        await self._publish_outbox([OutboxEntry(branch_id(rec.agent_id, rec.step + 1, i), 0)
-                                    for i in range(len(commit.branches or ()))])
+        if commit.branches:
+            await self._publish_outbox([OutboxEntry(branch_id(rec.agent_id, rec.step + 1, i), 0)
+                                        for i in range(len(commit.branches))])
         parked = commit.branches is not None or commit.wake_in is not None or commit.waiting
-        await self._kept_after(rec, commit)
+        if commit.keep_lease is not None:
+            await self._kept_after(rec, commit)
         if commit.to_node is not None and not parked and await self.bus.publish(
                 StepEvent(agent_id=rec.agent_id, step=rec.step + 1)) is not False:
             await self.persistence.clear_outbox([OutboxEntry(rec.agent_id, rec.step + 1)])
         await delivery.ack()
-        status = AgentStatus.RUNNING if commit.to_node else AgentStatus.SUCCEEDED
-        await self._notify_transition(
-            TransitionInfo(rec.agent_id, rec.step + 1, rec.node, commit.to_node, status,
-                           commit.duration, attempt),
-            StatusInfo(rec.agent_id, status, commit.to_node or rec.node, rec.step + 1, None),
-        )
+        await self._notify_transition(rec, commit.to_node, commit.duration, attempt)
 
     async def _refused(self, rec: AgentRecord, delivery: Delivery) -> None:
         """The fence refused our lease. A lease the store forgot (a database crash, leases
@@ -401,23 +388,7 @@ class Engine(AgentActions, Notifications, SafeDeploys, KeptLeases):
         ctx = self._model(graph, rec.context, f"stored context at node {rec.node!r}")
         node = node_cls()
         node.payload = validate_payload(node_cls, rec.payload)
-        timeout = node_cls.retry.timeout
-        run: _Run | None = None
-        try:
-            async with asyncio.timeout(timeout) as deadline:
-                run = _Run(rec.agent_id, rec.step, delivery, deadline)
-                self._running.add(run)
-                result = await node.run(ctx)
-        except TimeoutError:
-            if not deadline.expired():
-                raise  # the node's own TimeoutError, not ours
-            if run is not None and run.lost:
-                raise LeaseLostError(f"agent {rec.agent_id!r} step {rec.step}: lease lost "
-                                     "(cancelled, or taken over after a stall)") from None
-            raise NodeTimeoutError(f"node {rec.node!r} timed out after {timeout}s") from None
-        finally:
-            if run is not None:
-                self._running.discard(run)
+        result = await self._run_node(rec, delivery, node.run(ctx), node_cls.retry.timeout)
         if not graph.allows(rec.node, result):
             declared = [*graph.edges[rec.node], *(["None"] if rec.node in graph.terminal else [])]
             got = getattr(result, "__qualname__", repr(result))
@@ -427,25 +398,6 @@ class Engine(AgentActions, Notifications, SafeDeploys, KeptLeases):
         dumped = ctx.model_dump(mode="json")
         self._model(graph, dumped, f"context returned by node {rec.node!r}")
         return result, dumped
-
-    async def _heartbeat_loop(self) -> None:
-        """Keep the leases and messages of running nodes alive; stop nodes whose lease is lost."""
-        while True:
-            await asyncio.sleep(self.lease_seconds / 3)
-            for run in list(self._running):
-                try:
-                    await run.delivery.in_progress()
-                    kept = await self.persistence.extend_lease(run.agent_id, run.step,
-                                                               self.owner, self.lease_seconds)
-                except Exception:
-                    kept = True
-                    if run in self._running:  # else it committed meanwhile: nothing to keep
-                        log.exception("agent %r: lease extension failed", run.agent_id)
-                if not kept and run in self._running:
-                    log.warning("agent %r step %d: lease lost, stopping its node",
-                                run.agent_id, run.step)
-                    run.lost = True
-                    run.deadline.reschedule(asyncio.get_running_loop().time())
 
     async def _fail(self, rec: AgentRecord, attempt: int, exc: BaseException,
                     delivery: Delivery) -> None:

@@ -289,6 +289,25 @@ async def test_observers_are_called_and_cannot_break_the_engine(
         [r.getMessage() for r in failures], rec.events)
 
 
+async def test_observers_added_or_removed_while_running_are_honoured() -> None:
+    """The engine caches each hook's observers: the cache must follow ``engine.observers``."""
+    first, second = Recorder(), Recorder()
+    engine = Engine(InMemoryPersistence(), InMemoryEventBus(), observers=[first])
+    await engine.start_worker()
+    await engine.trigger_agent("before", Start, Ctx())
+    await engine.wait_for("before", timeout=10)
+    engine.observers.append(second)
+    await engine.trigger_agent("during", Start, Ctx())
+    await engine.wait_for("during", timeout=10)
+    engine.observers.remove(first)
+    await engine.trigger_agent("after", Start, Ctx())
+    await engine.wait_for("after", timeout=10)
+    await engine.stop()
+    done = [("t", "Start", "Done", 1), ("t", "Done", None, 2)]
+    assert [e for e in first.events if e[0] == "t"] == done * 2
+    assert [e for e in second.events if e[0] == "t"] == done * 2
+
+
 async def test_poison_messages_are_dead_lettered_and_work_goes_on() -> None:
     bus = InMemoryEventBus()
     engine = Engine(InMemoryPersistence(), bus)

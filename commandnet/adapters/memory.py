@@ -500,11 +500,12 @@ class InMemoryEventBus(EventBus):
             at, old = self._seen_order.popleft()
             if self._seen.get(old) == at:
                 del self._seen[old]
-        seen = self._seen.get(message.dedup_id)
+        key = message.dedup_id
+        seen = self._seen.get(key)
         if seen is not None and now - seen < self.dedup_window:
             return
-        self._seen[message.dedup_id] = now
-        self._seen_order.append((now, message.dedup_id))
+        self._seen[key] = now
+        self._seen_order.append((now, key))
         self.published += 1
         self._enqueue(encode(message), 1)
 

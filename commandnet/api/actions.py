@@ -201,7 +201,9 @@ class AgentActions:
 
 def validate_payload(node: NodeClass, raw: Any) -> Any:
     """The payload as the node's declared type (the raw JSON when it declares none)."""
-    kind = payload_type(node)
+    if node not in _PAYLOAD_TYPES:  # read on every step: a walk of the class's MRO
+        _PAYLOAD_TYPES[node] = payload_type(node)
+    kind = _PAYLOAD_TYPES[node]
     if kind is None:
         return raw
     try:
@@ -215,6 +217,9 @@ def validate_payload(node: NodeClass, raw: Any) -> Any:
 @functools.cache
 def _adapter(kind: Any) -> TypeAdapter[Any]:
     return TypeAdapter(kind)
+
+
+_PAYLOAD_TYPES: dict[NodeClass, Any] = {}
 
 
 def json_value(value: Any) -> Any:
