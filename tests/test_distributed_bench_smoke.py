@@ -29,11 +29,13 @@ def test_the_distributed_bench_runs_every_case_end_to_end() -> None:
         assert case["transitions_per_s"] > 0, name
         assert 0 < case["step_latency_ms_p50"] <= case["step_latency_ms_p99"], name
         kinds = case["sql_calls_per_transition_by_kind"]
-        # Without faults, exactly one commit statement per transition, and a lease for each
-        # agent's first step at least (later ones run on the lease their commit kept).
-        assert kinds["commit"]["per_transition"] == 1.0, (name, kinds)
+        # Without faults, at most one commit statement per transition (moves that arrive
+        # together share one), one at least for each agent's last step (it ends the agent),
+        # and a lease for each agent's first step at least (later ones run on the lease their
+        # commit kept).
+        assert 1.0 / STEPS <= kinds["commit"]["per_transition"] <= 1.0, (name, kinds)
         assert kinds["lease"]["per_transition"] >= 1.0 / STEPS, (name, kinds)
-        assert case["transactions_per_transition"] >= 1.0, (name, case)
+        assert case["transactions_per_transition"] > 0, (name, case)
         assert case["cpu_seconds"]["workers"] > 0, (name, case["cpu_seconds"])
     assert results["commandnet workers=2 paced"]["arrivals_per_s"] > 0
     summary = results["summary"]

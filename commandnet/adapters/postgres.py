@@ -17,7 +17,10 @@ to every worker at once, and a crash of the database may forget only the last fe
 the protocol already tolerates (a forgotten lease is a lease that expired, and a commit fenced
 by it fails because the crash dropped its connection; a forgotten outbox delete is re-published
 by the sweeper and dropped as a duplicate or stale event). A transition therefore costs one
-durable flush, not three.
+durable flush, not three; and under load less than one, as plain moves and outbox deletes that
+arrive while earlier ones are being written share the next statement (group commit,
+``commandnet.adapters.batching``): each row still fenced on its own, each caller back only once
+its statement has committed.
 
 Schema migrations are numbered files in ``sql/postgres/``, applied by :meth:`setup` (or
 ``commandnet migrate``) under an advisory lock, recorded in ``schema_migrations``.
@@ -25,10 +28,10 @@ Schema migrations are numbered files in ``sql/postgres/``, applied by :meth:`set
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import json
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -54,6 +57,7 @@ from ..records import (
     branch_id,
 )
 from ..workflow.records import PARENT_CANCELLED, SIBLING_FAILED
+from .batching import Batcher
 from .conflict import trigger_conflict
 
 # pg_advisory_xact_lock key for migrations: "cmdnet" in ASCII, shared by every commandnet worker.
@@ -210,6 +214,37 @@ WITH moved AS (
     DELETE FROM outbox o USING moved WHERE o.agent_id = moved.agent_id AND o.step = $2
 ), {_join_countdown("moved")}
 SELECT (SELECT count(*) FROM moved) AS moved, {_FAILED_PARENT}
+"""
+# Plain moves (the next step runs at once, nothing parks or ends) of many agents in one statement
+# and one transaction (group commit, PostgresPersistence._commit_moves), each row fenced as in
+# SQL_COMMIT. The rows are found by primary key whatever the statistics say: agent_id = ANY
+# (estimated from the array) and a status test no partial index can serve (before ANALYZE the
+# planner took agents_running_updated and read every running agent); batches stay small enough
+# (Batcher limit) that the planner keeps to the index.
+SQL_COMMIT_MOVES = """
+WITH moved AS (
+    UPDATE agents a SET
+        node = i.to_node, step = i.step + 1, status = 'running', context = i.context,
+        payload = i.payload, attempts = (i.keep IS NOT NULL)::int, crashes = 0, error = NULL,
+        lease_alone = false, lease_owner = CASE WHEN i.keep IS NOT NULL THEN i.owner END,
+        lease_until = now() + i.keep * interval '1 second', updated_at = now(), wake_at = NULL,
+        graph_version = coalesce(i.graph_version, a.graph_version)
+    FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::text[], $6::jsonb[],
+                $7::int[], $8::float8[], $9::jsonb[], $10::text[], $11::float8[])
+        AS i (agent_id, step, owner, from_node, to_node, context, attempts, duration, payload,
+              graph_version, keep)
+    WHERE a.agent_id = ANY($1::text[]) AND a.agent_id = i.agent_id AND a.step = i.step
+        AND a.status IS NOT DISTINCT FROM 'running' AND a.lease_owner = i.owner
+    RETURNING a.agent_id, a.step, i.from_node, i.to_node, i.attempts, i.duration
+), hist AS (
+    INSERT INTO history (agent_id, step, from_node, to_node, attempts, duration, at)
+    SELECT agent_id, step, from_node, to_node, attempts, duration, now() FROM moved
+), event AS (
+    INSERT INTO outbox (agent_id, step, created_at) SELECT agent_id, step, now() FROM moved
+), done AS (
+    DELETE FROM outbox o USING moved WHERE o.agent_id = moved.agent_id AND o.step = moved.step - 1
+)
+SELECT agent_id FROM moved
 """
 
 # The end of a transition that parks the agent (a wait, a fan-out): its history row and the
@@ -537,54 +572,6 @@ async def _no_reset(conn: asyncpg.Connection) -> None:
     return None
 
 
-class _Coalescer:
-    """Runs one ``flush`` at a time; calls arriving meanwhile share the next one.
-
-    Every worker clears one outbox row per transition; under load these become one DELETE for
-    many rows instead of one round trip each. A caller returns once its rows are deleted (or
-    gets the error), exactly as with a call of its own; at low load it costs no waiting.
-    """
-
-    def __init__(self, flush: Callable[[list[OutboxEntry]], Awaitable[None]]) -> None:
-        self._flush = flush
-        self._waiting: list[tuple[Sequence[OutboxEntry], asyncio.Future[None]]] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def submit(self, entries: Sequence[OutboxEntry]) -> None:
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        # A caller cancelled while waiting must not leave an unretrieved error behind.
-        done.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._waiting.append((entries, done))
-        if self._task is None:
-            # A task of its own: cancelling one caller never cancels the others' delete.
-            self._task = asyncio.create_task(self._drain(), name="commandnet-outbox-clear")
-        await done
-
-    async def _drain(self) -> None:
-        batch: list[tuple[Sequence[OutboxEntry], asyncio.Future[None]]] = []
-        try:
-            while self._waiting:
-                batch, self._waiting = self._waiting, []
-                try:
-                    await self._flush([e for entries, _ in batch for e in entries])
-                except Exception as exc:
-                    for _, done in batch:
-                        if not done.done():
-                            done.set_exception(exc)
-                else:
-                    for _, done in batch:
-                        if not done.done():
-                            done.set_result(None)
-                batch = []
-        finally:
-            self._task = None
-            # Cancelled (the loop is shutting down): no caller may wait for ever.
-            for _, done in [*batch, *self._waiting]:
-                if not done.done():
-                    done.cancel()
-            self._waiting = []
-
-
 def _unstorable(agent_id: str, node: str, exc: Exception) -> ContextValidationError:
     # jsonb holds neither NaN/Infinity nor the character U+0000, which Python's json accepts.
     detail = " ".join(str(exc).split())
@@ -643,7 +630,8 @@ class PostgresPersistence(Persistence):
         self.pool_options = {"command_timeout": command_timeout, **pool_options}
         self._pool: asyncpg.Pool | None = None
         self._soft_pool: asyncpg.Pool | None = None
-        self._clearer = _Coalescer(self._delete_outbox)
+        self._clearer = Batcher(self._delete_outbox, name="commandnet-outbox-clear")
+        self._mover = Batcher(self._commit_moves, concurrency=2, name="commandnet-commit")
 
     # ------------------------------------------------------------ connection
 
@@ -752,6 +740,12 @@ class PostgresPersistence(Persistence):
 
     @override
     async def save_state(self, commit: Commit) -> bool:
+        if (commit.to_node is not None and commit.wake_in is None and commit.waiting is None
+                and commit.branches is None):  # a plain move: group-committed
+            return await self._mover.submit(commit)
+        return await self._save_one(commit)
+
+    async def _save_one(self, commit: Commit) -> bool:
         wake_in = None if commit.wake_in is None else float(commit.wake_in)
         args = (commit.agent_id, commit.step, commit.owner, commit.from_node, commit.to_node,
                 commit.context, commit.attempts, float(commit.duration), commit.payload)
@@ -769,6 +763,36 @@ class PostgresPersistence(Persistence):
         except asyncpg.DataError as exc:
             raise _unstorable(commit.agent_id, commit.to_node or commit.from_node, exc) from exc
         return await self._ended(row)
+
+    async def _commit_moves(self, commits: list[Commit]) -> list[bool | Exception]:
+        """Plain moves of many agents in one statement (SQL_COMMIT_MOVES). One commit alone,
+        a second commit of an agent (one UPDATE cannot move a row twice), and each commit of a
+        batch the database refused as a whole (a context jsonb cannot hold, a deadlock) take a
+        statement of their own, so that an error reaches only its own caller."""
+        batch: dict[str, Commit] = {}
+        for commit in commits:
+            batch.setdefault(commit.agent_id, commit)
+        moved: set[str] | None = None
+        if len(batch) > 1:
+            rows = list(batch.values())
+            with contextlib.suppress(asyncpg.DataError, asyncpg.TransactionRollbackError):
+                moved = {r["agent_id"] for r in await self.pool.fetch(
+                    SQL_COMMIT_MOVES, [c.agent_id for c in rows], [c.step for c in rows],
+                    [c.owner for c in rows], [c.from_node for c in rows],
+                    [c.to_node for c in rows], [c.context for c in rows],
+                    [c.attempts for c in rows], [float(c.duration) for c in rows],
+                    [c.payload for c in rows], [c.graph_version for c in rows],
+                    [kept_lease(c) for c in rows])}
+        outcomes: list[bool | Exception] = []
+        for commit in commits:
+            if moved is not None and batch[commit.agent_id] is commit:
+                outcomes.append(commit.agent_id in moved)
+                continue
+            try:
+                outcomes.append(await self._save_one(commit))
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
 
     async def _ended(self, row: asyncpg.Record) -> bool:
         """After a statement that may have ended an agent: when it failed its parent's join
@@ -877,9 +901,11 @@ class PostgresPersistence(Persistence):
         if entries:
             await self._clearer.submit(entries)
 
-    async def _delete_outbox(self, entries: list[OutboxEntry]) -> None:
+    async def _delete_outbox(self, calls: list[Sequence[OutboxEntry]]) -> list[Exception | None]:
+        entries = [e for entries in calls for e in entries]
         await self.soft_pool.execute(SQL_CLEAR, [e.agent_id for e in entries],
                                      [e.step for e in entries])
+        return [None] * len(calls)
 
     @override
     async def stalled_agents(
