@@ -184,6 +184,7 @@ class Engine(AgentActions, Notifications, SafeDeploys, KeptLeases, RunningNodes)
                 loop_task.cancel()
             await asyncio.gather(*self._loops, return_exceptions=True)
             self._loops.clear()
+            self._disarm()
             with contextlib.suppress(Exception):  # hand the pool's repair turn on at once
                 await self.persistence.claim_sweep(self.pool, self.owner, 0.0)
         if self._started:

@@ -81,9 +81,14 @@ class RunningNodes:
             if run.stopped in ("timeout", "lost"):  # the node swallowed our cancellation
                 task.uncancel()
 
-    def _arm(self, when: float) -> None:
+    def _disarm(self) -> None:
+        """Forget the timer (the engine stopped: a later start may be on another loop)."""
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
+
+    def _arm(self, when: float) -> None:
+        self._disarm()
         self._timer = asyncio.get_running_loop().call_at(when, self._deadlines_due)
 
     def _deadlines_due(self) -> None:
