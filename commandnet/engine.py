@@ -357,10 +357,9 @@ class Engine(AgentActions, Notifications, SafeDeploys, KeptLeases, RunningNodes)
         if commit.branches:
             await self._publish_outbox([OutboxEntry(branch_id(rec.agent_id, rec.step + 1, i), 0)
                                         for i in range(len(commit.branches))])
-        parked = commit.branches is not None or commit.wake_in is not None or commit.waiting
         if commit.keep_lease is not None:
             await self._kept_after(rec, commit)
-        if commit.to_node is not None and not parked and await self.bus.publish(
+        if commit.plain and await self.bus.publish(
                 StepEvent(agent_id=rec.agent_id, step=rec.step + 1)) is not False:
             await self.persistence.clear_outbox([OutboxEntry(rec.agent_id, rec.step + 1)])
         await delivery.ack()

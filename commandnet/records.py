@@ -149,6 +149,12 @@ class Commit:
     graph_version: str | None = None  # of the graph that ran the step (None: keep the stored)
     keep_lease: float | None = None  # see commandnet.leasing.kept.kept_lease
 
+    @property
+    def plain(self) -> bool:
+        """A move to a next step that runs at once: nothing parks, fans out or ends."""
+        return (self.to_node is not None and self.wake_in is None and self.waiting is None
+                and self.branches is None)
+
 
 @dataclass(frozen=True)
 class Failure:

@@ -740,8 +740,7 @@ class PostgresPersistence(Persistence):
 
     @override
     async def save_state(self, commit: Commit) -> bool:
-        if (commit.to_node is not None and commit.wake_in is None and commit.waiting is None
-                and commit.branches is None):  # a plain move: group-committed
+        if commit.plain:  # group-committed
             return await self._mover.submit(commit)
         return await self._save_one(commit)
 

@@ -33,8 +33,7 @@ if TYPE_CHECKING:
 def kept_lease(commit: Commit) -> float | None:
     """``commit.keep_lease`` where it applies (stores call this): a move to a next step that
     does not park; None otherwise."""
-    plain = commit.to_node is not None and commit.wake_in is None and commit.waiting is None
-    keep = commit.keep_lease if plain and commit.branches is None else None
+    keep = commit.keep_lease if commit.plain else None
     return None if keep is None else float(keep)
 
 
